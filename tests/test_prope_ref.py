@@ -1,0 +1,168 @@
+"""PRoPE reference against an explicit per-token D_t construction and its invariances."""
+import math
+
+import pytest
+import torch
+
+from kernels import PRoPECameras, attention, prope_attention_ref, use_backend
+from kernels.prope_ref import prope_matrices
+from tests.geometry_utils import random_c2w, random_K, random_rotation
+
+
+def make_inputs(B=2, h=2, V=3, patches=(3, 5), d=16, image=(42, 70), dtype=torch.float64, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    N = V * patches[0] * patches[1]
+    q, k, v = (torch.randn(B, h, N, d, generator=g, dtype=torch.float64).to(dtype) for _ in range(3))
+    c2w = random_c2w(B * V, g, radius=1.0).reshape(B, V, 4, 4)
+    w2c = torch.linalg.inv(c2w)
+    K = random_K(B * V, *image, g).reshape(B, V, 3, 3)
+    return q, k, v, w2c, K
+
+
+def explicit_D(w2c, K, patches, image, d):
+    """(B, N, d, d) D_t = blockdiag(I_{d/8} (x) P_c, R(x)^T, R(y)^T), built from scratch."""
+    H, W = image
+    B, V = w2c.shape[:2]
+    Kn = K.clone()
+    Kn[..., 0, :] /= W
+    Kn[..., 1, :] /= H
+    Kn[..., 0, 2] -= 0.5
+    Kn[..., 1, 2] -= 0.5
+    lift = torch.zeros(B, V, 4, 4, dtype=torch.float64)
+    lift[..., :3, :3] = Kn
+    lift[..., 3, 3] = 1
+    P = lift @ w2c
+    nf = d // 8
+    freq = torch.tensor([100.0 ** (-f / nf) for f in range(nf)], dtype=torch.float64)
+
+    def R(pos):  # R applied to [a; b] gives [a cos + b sin; -a sin + b cos]
+        c, s = torch.diag(torch.cos(pos * freq)), torch.diag(torch.sin(pos * freq))
+        return torch.cat([torch.cat([c, s], 1), torch.cat([-s, c], 1)], 0)
+
+    ph, pw = patches
+    Ds = []
+    for b in range(B):
+        for c in range(V):
+            for y in range(ph):
+                for x in range(pw):
+                    proj = torch.kron(torch.eye(d // 8, dtype=torch.float64), P[b, c])
+                    Ds.append(torch.block_diag(proj, R(x).T, R(y).T))
+    return torch.stack(Ds).reshape(B, V * ph * pw, d, d)
+
+
+def explicit_prope(q, k, v, w2c, K, patches, image):
+    d = q.shape[-1]
+    D = explicit_D(w2c, K, patches, image, d)[:, None]  # (B, 1, N, d, d)
+    Dinv = torch.linalg.inv(D)
+    qp = (D.transpose(-1, -2) @ q[..., None])[..., 0]
+    kp = (Dinv @ k[..., None])[..., 0]
+    vp = (Dinv @ v[..., None])[..., 0]
+    att = torch.softmax(qp @ kp.transpose(-1, -2) / math.sqrt(d), dim=-1)
+    return (D @ (att @ vp)[..., None])[..., 0]
+
+
+@pytest.mark.parametrize("d", [8, 16, 48])
+@pytest.mark.parametrize("patches,V", [((3, 5), 3), ((2, 2), 1), ((1, 4), 2)])
+def test_matches_explicit_per_token_construction(d, patches, V):
+    image = (14 * patches[0], 14 * patches[1])
+    q, k, v, w2c, K = make_inputs(V=V, patches=patches, d=d, image=image)
+    ref = explicit_prope(q, k, v, w2c, K, patches, image)
+    out = prope_attention_ref(q, k, v, w2c, K, patches, image)
+    assert out.dtype == torch.float64
+    torch.testing.assert_close(out, ref, atol=1e-10, rtol=1e-10)
+
+
+def test_closed_form_inverse():
+    _, _, _, w2c, K = make_inputs()
+    P, P_inv = prope_matrices(w2c, K, (42, 70), torch.float64)
+    torch.testing.assert_close(P @ P_inv, torch.eye(4, dtype=torch.float64).expand_as(P),
+                               atol=1e-12, rtol=0)
+
+
+def test_invariant_to_one_rigid_transform_of_all_cameras():
+    q, k, v, w2c, K = make_inputs()
+    g = torch.Generator().manual_seed(5)
+    M = torch.eye(4, dtype=torch.float64)
+    M[:3, :3] = random_rotation(1, g)[0]
+    M[:3, 3] = torch.tensor([0.3, -1.0, 2.0])
+    # New world frame x' = M x: world-to-camera becomes w2c @ M^-1.
+    moved = w2c @ torch.linalg.inv(M)
+    out = prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70))
+    out2 = prope_attention_ref(q, k, v, moved, K, (3, 5), (42, 70))
+    torch.testing.assert_close(out2, out, atol=1e-10, rtol=1e-10)
+    # A change of the cameras that is NOT one rigid transform changes the output.
+    other = w2c.clone()
+    other[:, 0] = other[:, 0] @ torch.linalg.inv(M)
+    assert (prope_attention_ref(q, k, v, other, K, (3, 5), (42, 70)) - out).abs().max() > 1e-3
+
+
+def identity_cameras(B, V, image):
+    H, W = image
+    K = torch.tensor([[W, 0, W / 2], [0, H, H / 2], [0, 0, 1]], dtype=torch.float64)
+    return torch.eye(4, dtype=torch.float64).expand(B, V, 4, 4), K.expand(B, V, 3, 3)
+
+
+def test_identity_cameras_zero_positions_give_plain_attention():
+    B, h, V, d = 2, 3, 6, 32
+    q, k, v, _, _ = make_inputs(B=B, h=h, V=V, patches=(1, 1), d=d)
+    w2c, K = identity_cameras(B, V, (14, 14))
+    P, _ = prope_matrices(w2c, K, (14, 14), torch.float64)
+    assert torch.equal(P, torch.eye(4, dtype=torch.float64).expand_as(P))
+    out = prope_attention_ref(q, k, v, w2c, K, (1, 1), (14, 14))
+    plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+    torch.testing.assert_close(out, plain, atol=1e-12, rtol=1e-12)
+
+
+def test_identity_cameras_with_positions_differ_from_plain_attention():
+    """With P = I the RoPE part still acts on distinct patch positions."""
+    B, V, d = 1, 2, 16
+    q, k, v, _, _ = make_inputs(B=B, h=1, V=V, patches=(1, 4), d=d)
+    w2c, K = identity_cameras(B, V, (14, 56))
+    out = prope_attention_ref(q, k, v, w2c, K, (1, 4), (14, 56))
+    plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(d), -1) @ v
+    assert (out - plain).abs().max() > 1e-3  # positions do matter
+
+
+def test_gradcheck_float64():
+    q, k, v, w2c, K = make_inputs(B=1, h=1, V=2, patches=(2, 2), d=8)
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    assert torch.autograd.gradcheck(
+        lambda q, k, v: prope_attention_ref(q, k, v, w2c, K, (2, 2), (28, 28)), (q, k, v))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
+def test_low_precision_inputs_work(dtype):
+    q, k, v, w2c, K = make_inputs(d=16)
+    ref = prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70))
+    out = prope_attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), w2c.float(), K.float(),
+                              (3, 5), (42, 70))
+    assert out.dtype == dtype
+    tol = {torch.bfloat16: 0.1, torch.float16: 0.02, torch.float32: 1e-4}[dtype]
+    assert (out.double() - ref).abs().max() < tol * ref.abs().max()
+
+
+def test_shape_errors_name_the_argument():
+    q, k, v, w2c, K = make_inputs()
+    with pytest.raises(ValueError, match=r"N=45 tokens but V\*ph\*pw = 3\*3\*4 = 36"):
+        prope_attention_ref(q, k, v, w2c, K, (3, 4), (42, 56))
+    with pytest.raises(ValueError, match=r"head dim d=12 must be divisible by 8"):
+        prope_attention_ref(q[..., :12], k[..., :12], v[..., :12], w2c, K, (3, 5), (42, 70))
+    with pytest.raises(ValueError, match=r"K must be \(B=2, V=3, 3, 3\)"):
+        prope_attention_ref(q, k, v, w2c, K[:, :2], (3, 5), (42, 70))
+    with pytest.raises(ValueError, match=r"w2c must be \(B=2, V, 4, 4\)"):
+        prope_attention_ref(q, k, v, w2c[:1], K, (3, 5), (42, 70))
+
+
+def test_attention_entry_point_dispatch():
+    q, k, v, w2c, K = make_inputs(dtype=torch.float32)
+    cams = PRoPECameras(w2c.float(), K.float(), (3, 5), (42, 70))
+    torch.testing.assert_close(attention(q, k, v, cams),
+                               prope_attention_ref(q, k, v, w2c.float(), K.float(), (3, 5), (42, 70)))
+    plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16), -1) @ v
+    for backend in ("auto", "sdpa", "sdpa_math"):
+        with use_backend(backend):
+            torch.testing.assert_close(attention(q, k, v), plain, atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="unknown attention backend 'fa9'"):
+        with use_backend("fa9"):
+            pass
