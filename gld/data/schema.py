@@ -14,9 +14,17 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+import json
+import math
+
 import numpy as np
 
-__all__ = ["Frame", "Sequence", "DatasetMeta", "SCHEMA_VERSION", "CONVENTIONS"]
+__all__ = [
+    "Frame", "Sequence", "DatasetMeta", "SCHEMA_VERSION", "CONVENTIONS", "META_FILE",
+    "DataError", "check_cameras", "image_format_of",
+]
+
+META_FILE = "gld_meta.json"  # written last: its presence means the dataset is complete
 
 SCHEMA_VERSION = 1
 CONVENTIONS = {
@@ -24,6 +32,64 @@ CONVENTIONS = {
     "intrinsics": "pixels, pixel centres at +0.5",
     "depth": "planar z, 0 = unknown",
 }
+
+
+class DataError(ValueError):
+    """Bad stored data. The message names where: shard, sample (record) index, scene, frame."""
+
+
+def image_format_of(data: bytes) -> str:
+    """'jpeg' | 'png' | 'webp' from the magic bytes; 'unknown' otherwise."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    return "unknown"
+
+
+def check_cameras(K: np.ndarray, c2w: np.ndarray, sizes: list, where: str = "",
+                  atol: float = 1e-3) -> None:
+    """Raise DataError unless every frame has sane pixel intrinsics and a finite rigid pose.
+
+    K (N, 3, 3), c2w (N, 4, 4), sizes [(H, W)] * N. Intrinsics must be finite, zero-skew,
+    bottom row [0, 0, 1], fx, fy >= 0.05 W (a field of view below ~169 degrees: smaller values
+    usually mean intrinsics normalised by the image size) and the principal point inside the
+    image. `where` prefixes the message (e.g. "shard-000003.tar sample 7 (scene abc)").
+    """
+    pre = f"{where}: " if where else ""
+    n = len(sizes)
+    if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
+        raise DataError(f"{pre}expected K (N, 3, 3) and c2w (N, 4, 4) for N={n} frames, got "
+                        f"K {K.shape}, c2w {c2w.shape}")
+    for i in range(n):
+        h, w = sizes[i]
+        k = K[i]
+        fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
+        if not np.isfinite(k).all():
+            raise DataError(f"{pre}frame {i}: non-finite intrinsics {k.tolist()}")
+        if (k[2] != (0, 0, 1)).any() or k[0, 1] != 0 or k[1, 0] != 0:
+            raise DataError(f"{pre}frame {i}: intrinsics must be [[fx,0,cx],[0,fy,cy],[0,0,1]], "
+                            f"got {k.tolist()}")
+        if not (fx >= 0.05 * w and fy >= 0.05 * h):
+            raise DataError(f"{pre}frame {i}: focal lengths fx={fx:.4g}, fy={fy:.4g} are not "
+                            f"pixels of a {w}x{h} image (expected >= 0.05 x size; normalised "
+                            f"intrinsics?)")
+        if not (0 <= cx <= w and 0 <= cy <= h):
+            raise DataError(f"{pre}frame {i}: principal point ({cx:.4g}, {cy:.4g}) lies outside "
+                            f"the {w}x{h} image")
+        T = c2w[i]
+        if not np.isfinite(T).all():
+            raise DataError(f"{pre}frame {i}: non-finite camera-to-world pose {T.tolist()}")
+        R = T[:3, :3]
+        orth = float(np.abs(R.T @ R - np.eye(3)).max())
+        det = float(np.linalg.det(R))
+        bottom = float(np.abs(T[3] - (0, 0, 0, 1)).max())
+        if orth > atol or abs(det - 1) > atol or bottom > atol or math.isnan(orth):
+            raise DataError(f"{pre}frame {i}: camera-to-world pose is not rigid "
+                            f"(|R^T R - I|max={orth:.3g}, det R={det:.4f}, last row "
+                            f"{T[3].tolist()})")
 
 
 @dataclass
@@ -57,3 +123,22 @@ class DatasetMeta:
     schema_version: int = SCHEMA_VERSION
     conventions: dict = field(default_factory=lambda: dict(CONVENTIONS))
     extra: dict = field(default_factory=dict)
+    num_records: int = 0  # stored records (a long sequence may be split into several)
+    # One entry per shard, in order: {"name": file name, "num_records": int, "bytes": int}.
+    shards: list[dict] = field(default_factory=list)
+
+    def to_json(self) -> str:
+        d = dict(self.__dict__)
+        d["image_sizes"] = [list(s) for s in self.image_sizes]
+        return json.dumps(d, indent=1, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> "DatasetMeta":
+        d = json.loads(text)
+        known = set(cls.__dataclass_fields__)
+        meta = cls(**{k: v for k, v in d.items() if k in known})
+        meta.image_sizes = [tuple(s) for s in meta.image_sizes]
+        if meta.schema_version > SCHEMA_VERSION:
+            raise DataError(f"{META_FILE}: schema_version {meta.schema_version} is newer than "
+                            f"this reader ({SCHEMA_VERSION})")
+        return meta
