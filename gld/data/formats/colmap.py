@@ -206,11 +206,12 @@ class ColmapReader(Reader):
         except BadSample as e:
             problems.sequence(e)
             return
+        numbered = list(enumerate(entries))  # index = position among all images by name
         if self.split != "all":
             keep = (lambda i: i % 8 == 0) if self.split == "test" else (lambda i: i % 8 != 0)
-            entries = [e for i, e in enumerate(entries) if keep(i)]
+            numbered = [(i, e) for i, e in numbered if keep(i)]
         frames = []
-        for index, (image_id, qvec, tvec, cam_id, name) in enumerate(entries):
+        for index, (image_id, qvec, tvec, cam_id, name) in numbered:
             fwhere = f"{images_path} (scene {scene_id!r}) image {image_id} ({name})"
             try:
                 frames.append(self._frame(scene, cams, qvec, tvec, cam_id, name, index, fwhere))
