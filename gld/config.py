@@ -156,7 +156,7 @@ class DiffusionConfig:
 
 @dataclass
 class DataConfig:
-    """Multi-view samples: V posed frames of one scene."""
+    """Multi-view samples: V posed frames of one scene (gld/data/streaming.py reads it)."""
 
     source: Literal["synthetic", "mds", "wds"] = "synthetic"
     paths: list[str] = field(default_factory=list)  # local folders or s3:// URLs
@@ -175,6 +175,10 @@ class DataConfig:
     shuffle: bool = True
     skip_bad: bool = False  # skip-and-count corrupt samples instead of raising
     synthetic_scenes: int = 64
+    load_depth: bool = False  # add `depth` (B, V, H, W) to batches (0 where unknown)
+    eval_paths: list[str] = field(default_factory=list)  # eval split; empty = data.paths
+    cache_dir: Optional[str] = None  # local shard cache for s3:// MDS; None = $TMPDIR/gld-cache
+    prefetch_factor: int = 2  # batches prefetched per DataLoader worker
 
     def validate(self, key: str = "data") -> None:
         _check(self.num_views >= 2, f"{key}.num_views", f"must be >= 2, got {self.num_views}")
@@ -200,6 +204,17 @@ class DataConfig:
                    f"has {len(self.weights)} entries for {len(self.paths)} data.paths")
             _check(all(w > 0 for w in self.weights), f"{key}.weights", "must all be > 0")
         _check(self.synthetic_scenes >= 1, f"{key}.synthetic_scenes", "must be >= 1")
+        _check(self.prefetch_factor >= 1, f"{key}.prefetch_factor", "must be >= 1")
+        for i, p in enumerate(list(self.paths) + list(self.eval_paths)):
+            _check(isinstance(p, str) and p != "", f"{key}.paths[{i}]",
+                   f"must be a local folder or an s3:// URL, got {p!r}")
+            if p.startswith("s3://"):
+                bucket = p[5:].split("/", 1)[0]
+                _check(len(bucket) >= 3, f"{key}.paths[{i}]",
+                       f"S3 bucket names need at least 3 characters, got {bucket!r}")
+        if self.source == "wds" and len(set(self.weights)) > 1:
+            raise ConfigError(f"{key}.weights: mixing proportions need data.source='mds' "
+                              "(webdataset shards are read once each per epoch)")
 
 
 @dataclass

@@ -126,7 +126,7 @@ def make_sample(seq: Sequence, positions: np.ndarray, source_mask: np.ndarray,
         if (nh, nw) != (h, w):
             im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
         im = im.crop((left, top, left + W, top + H))
-        images.append(torch.from_numpy(np.asarray(im)).permute(2, 0, 1))
+        images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
         k = resize_intrinsics(torch.from_numpy(K[j]), (h, w), (nh, nw))
         Ks.append(crop_intrinsics(k, top, left))
         if spec.load_depth:
