@@ -59,7 +59,12 @@ def convert(fmt: str, input: str, output: str, writer: str = "mds", *, skip_bad:
                                           "options": {k: str(v) for k, v in options.items()}})
 
     def sequences():
-        yield from iter_sequences(reader, problems, source=fmt, progress=progress)
+        stats: dict = {}
+        yield from iter_sequences(reader, problems, source=fmt, progress=progress, stats=stats)
+        if stats["sequences"] == 0:
+            first = f"; first: {problems.messages[0]}" if problems.messages else ""
+            raise BadSample(str(input), f"nothing to write: {problems.skipped_sequences} "
+                            f"sequences and {problems.skipped_frames} frames were bad{first}")
         # runs once the reader is exhausted, before the writer serialises `meta`
         meta.extra.update(problems.summary())
         if problems.messages:
