@@ -2,7 +2,8 @@
 
 Record fields (both writers):
 - `meta` (JSON): scene_id, source, frame_indices [N], timestamps [N] or null, image_format,
-  image_sizes [[H, W]] * N, has_depth, schema_version; MDS adds image_offsets [N + 1].
+  image_sizes [[H, W]] * N, image_crc32 [N] (checked on read: corrupt bytes never decode
+  silently), has_depth, schema_version; MDS adds image_offsets [N + 1].
 - `K` (N, 3, 3) float64 pixels and `c2w` (N, 4, 4) float64 OpenCV camera-to-world, stored as
   exact float64 (MDS `ndarray:float64`, WDS `.npy`).
 - images: the encoded bytes exactly as given (MDS: one `images` blob cut by image_offsets;
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import io
 import json
+import zlib
 from typing import Optional
 
 import numpy as np
@@ -61,6 +63,7 @@ def sequence_fields(seq: Sequence) -> tuple[dict, np.ndarray, np.ndarray, bytes]
                                                                  for t in ts],
         "image_format": fmts.pop() if len(fmts) == 1 else "mixed",
         "image_sizes": [list(s) for s in sizes], "has_depth": has_depth,
+        "image_crc32": [zlib.crc32(f.image) for f in frames],
         "schema_version": SCHEMA_VERSION,
     }
     K = np.stack([np.asarray(f.K, np.float64) for f in frames])
@@ -74,6 +77,13 @@ def _build(meta: dict, K: np.ndarray, c2w: np.ndarray, images: list[bytes], dept
     if len(images) != n or K.shape[0] != n or c2w.shape[0] != n:
         raise DataError(f"{where}: inconsistent record: {n} frame indices, {len(images)} images, "
                         f"K {K.shape}, c2w {c2w.shape}")
+    crcs = meta.get("image_crc32")
+    if crcs is not None:
+        for i, (img, crc) in enumerate(zip(images, crcs)):
+            if zlib.crc32(img) != crc:
+                raise DataError(f"{where} (scene {meta['scene_id']!r}, frame "
+                                f"{meta['frame_indices'][i]}): corrupt image bytes (crc32 "
+                                f"{zlib.crc32(img):08x}, written as {crc:08x})")
     depths: list[Optional[np.ndarray]] = [None] * n
     if meta["has_depth"]:
         sizes = meta["image_sizes"]
