@@ -62,6 +62,6 @@ def undistort_image(rgb: np.ndarray, K: np.ndarray, dist: dict) -> np.ndarray:
     gx = (xd * fx + cx) * (2.0 / w) - 1.0
     gy = (yd * fy + cy) * (2.0 / h) - 1.0
     grid = torch.stack([gx, gy], dim=-1)[None]
-    src = torch.from_numpy(np.ascontiguousarray(rgb)).to(torch.float64).permute(2, 0, 1)[None]
+    src = torch.tensor(np.asarray(rgb), dtype=torch.float64).permute(2, 0, 1)[None]
     out = F.grid_sample(src, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
     return out[0].permute(1, 2, 0).round().clamp(0, 255).to(torch.uint8).numpy()
