@@ -13,7 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from gld.data.formats import READERS, BadSample, convert
+from gld.data.formats import READERS, convert
+from gld.data.schema import DataError
 
 
 def main(argv=None) -> int:
@@ -56,7 +57,7 @@ def main(argv=None) -> int:
                                  min_frames=a.min_frames, max_frames=a.max_frames,
                                  overwrite=a.overwrite, progress=not a.no_progress,
                                  options=per_format.get(a.format, {}))
-    except (BadSample, FileExistsError) as e:
+    except (DataError, FileExistsError, ImportError) as e:  # BadSample is a DataError
         print(f"prepare_data: error: {e}", file=sys.stderr)
         return 1
     print(f"wrote {a.output}: {meta.num_sequences} sequences, {meta.num_records} records, "
