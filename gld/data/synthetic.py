@@ -157,20 +157,19 @@ def make_trajectory(scene: Scene, kind: str, num_frames: int,
         eye = np.stack([r * np.cos(a), h, r * np.sin(a)], -1)
         target = np.tile([0.0, 0.5, 0.0], (n, 1)) + rng.normal(0, 0.05, (n, 3))
     elif kind == "random":
+        # Knots in (angle, radius, height) around the centre: the eye stays in the annulus
+        # between the central object and the clutter; gaze targets wander independently.
         k = 5
-        knots = np.stack([rng.uniform(-2.6, 2.6, k), rng.uniform(0.9, height - 0.6, k),
-                          rng.uniform(-2.6, 2.6, k)], -1)
-        looks = knots + rng.normal(0, 1, (k, 3)) * [3, 0.4, 3]
+        ang = rng.uniform(0, 2 * np.pi) + np.cumsum(rng.uniform(0.2, 0.6, k)) * rng.choice([-1, 1])
+        rad, hgt = rng.uniform(1.6, 2.8, k), rng.uniform(0.9, height - 0.6, k)
+        looks = np.stack([rng.uniform(-hx, hx, k), rng.uniform(0.2, height - 0.2, k),
+                          rng.uniform(-hz, hz, k)], -1)
         t = np.linspace(0, k - 1, n)
-        eye = np.stack([np.interp(t, np.arange(k), knots[:, j]) for j in range(3)], -1)
+        a, r, h = (np.interp(t, np.arange(k), v) for v in (ang, rad, hgt))
+        eye = np.stack([r * np.cos(a), h, r * np.sin(a)], -1)
         target = np.stack([np.interp(t, np.arange(k), looks[:, j]) for j in range(3)], -1)
-        # Keep the eye out of the central object and the gaze well defined.
-        rad = np.hypot(eye[:, 0], eye[:, 2])
-        push = np.maximum(1.5 / np.maximum(rad, 1e-6), 1.0)
-        eye[:, 0] *= push
-        eye[:, 2] *= push
-        bad = np.linalg.norm(target - eye, axis=-1) < 0.5
-        target[bad] = eye[bad] + [1.0, 0.0, 0.0]
+        near = np.linalg.norm(target - eye, axis=-1) < 0.5
+        target[near] = eye[near] + [1.0, 0.0, 0.0]
     else:
         raise ValueError(f"trajectory kind must be one of {TRAJECTORIES}, got {kind!r}")
     return look_at(eye, target)
