@@ -183,3 +183,30 @@ def test_cli(tmp_path, world):
     assert not (tmp_path / "out2").exists()
     r = _cli("npz_folder", tmp_path / "in", tmp_path / "out3", "--skip-bad")
     assert r.returncode == 0 and "skipped 1 frames" in r.stdout, r.stdout + r.stderr
+
+
+def test_re10k_index_must_match_chunk(tmp_path, jpeg_world):
+    fx.write_re10k_chunks(jpeg_world, tmp_path / "in")
+    (tmp_path / "in" / "index.json").write_text(json.dumps({"scene000": "000007.torch"}))
+    fails("re10k", tmp_path / "in", tmp_path / "out", "index.json", "000007.torch",
+          "does not exist")
+
+
+def test_truncated_colmap_images_bin(tmp_path, world):
+    fx.write_colmap(world[:1], tmp_path / "in")
+    ib = tmp_path / "in" / "scene000" / "sparse" / "0" / "images.bin"
+    ib.write_bytes(ib.read_bytes()[:-30])
+    fails("colmap", tmp_path / "in", tmp_path / "out", "images.bin", "truncated")
+
+
+def test_grey_png_becomes_rgb_png(tmp_path, world):
+    from PIL import Image
+
+    fx.write_npz_folder(world[:1], tmp_path / "in")
+    grey = np.arange(SIZE[0] * SIZE[1], dtype=np.uint8).reshape(SIZE)
+    Image.fromarray(grey, "L").save(tmp_path / "in" / "scene000" / "frame_0.png")
+    convert("npz_folder", tmp_path / "in", tmp_path / "out")
+    (seq,) = read_sequences(str(tmp_path / "out"))
+    assert seq.frames[0].image[:4] == b"\x89PNG"
+    assert np.array_equal(fx.decode(seq.frames[0].image), np.repeat(grey[..., None], 3, -1))
+    assert seq.frames[1].image == world[0].frames[1].image
