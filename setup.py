@@ -20,6 +20,7 @@ install_requires = [
     "mosaicml-streaming>=0.8",
     "lpips>=0.1.4",
     "wandb>=0.16",
+    "h5py",  # HyperSim converter
 ]
 
 extras_require = {
