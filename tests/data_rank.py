@@ -1,9 +1,10 @@
 """One simulated rank of a multi-rank data test, run as `python -m tests.data_rank '<json>'`.
 
-The JSON holds: cfg (DataConfig fields), rank, world, resume_after (k or null), epochs.
-Environment for mosaicml-streaming (set before it is imported): RANK, WORLD_SIZE, and
-LOCAL_WORLD_SIZE=1 / LOCAL_RANK=0 so every simulated rank is its own node with its own cache
-(infra.md). Prints one JSON line: {"full": [batch digests], "resumed": [...], "state": ...},
+The JSON holds: cfg (DataConfig fields), rank, world, port, resume_after (k or null), epochs.
+All ranks run at once, as torchrun starts them on one node: RANK, WORLD_SIZE, LOCAL_RANK,
+LOCAL_WORLD_SIZE are set and a gloo process group is initialised before any dataset exists
+(mosaicml-streaming uses it for its barriers; the ranks share the node's shared memory and
+shard cache). Prints one JSON line: {"full": [batch digests], "resumed": [...], "state": ...},
 where a batch digest is (epoch, step, sample ids, H, W, frame indices, source mask, pixel sum).
 """
 import json
@@ -20,8 +21,13 @@ def digest(b) -> list:
 
 def main(args: dict) -> dict:
     os.environ.update(RANK=str(args["rank"]), WORLD_SIZE=str(args["world"]),
-                      LOCAL_WORLD_SIZE="1", LOCAL_RANK="0")
+                      LOCAL_WORLD_SIZE=str(args["world"]), LOCAL_RANK=str(args["rank"]),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(args["port"]))
     import gc
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", rank=args["rank"], world_size=args["world"])
 
     from gld.config import DataConfig
     from gld.configtypes import from_dict
@@ -55,6 +61,8 @@ def main(args: dict) -> dict:
             if state["epoch"] + 1 >= args.get("epochs", 1):
                 break
         out.update(first=first, resumed=rest, state=state)
+    dist.barrier()
+    dist.destroy_process_group()
     return out
 
 
