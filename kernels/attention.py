@@ -3,8 +3,10 @@
 `attention(q, k, v, cameras=None)` with q, k, v (B, h, N, d):
 - with `cameras` (a `PRoPECameras`): PRoPE attention over all views' tokens; the fused Triton
   kernel on CUDA when it is available, the plain-PyTorch reference elsewhere.
-- without: plain softmax attention; the `flash_attn` package when installed (CUDA, fp16/bf16),
-  else PyTorch SDPA (on CUDA the faster of the cuDNN and flash backends).
+- without: plain softmax attention; the `flash_attn` package when installed (CUDA, fp16/bf16;
+  FlashAttention-2's `flash_attn_func`, or FlashAttention-4's `flash_attn.cute` when only that is
+  there), else PyTorch SDPA (on CUDA cuDNN first: on the H100 it is the faster backend, 468 vs
+  301 TFLOP/s forward at d=64, see launch/results/profile_kernels_*.md; flash next).
 
 `use_backend(name)` forces one backend (tests and benchmarks); names are in `BACKENDS`.
 """
@@ -60,13 +62,29 @@ def current_backend() -> str:
     return _forced or "auto"
 
 
+def _flash_attn_func():
+    """flash_attn_func of FlashAttention-2 or -4 (flash_attn.cute), or None."""
+    if importlib.util.find_spec("flash_attn") is None:
+        return None
+    try:
+        from flash_attn import flash_attn_func  # FlashAttention-2
+        return flash_attn_func
+    except ImportError:
+        pass
+    try:
+        from flash_attn.cute import flash_attn_func  # FlashAttention-4 (Hopper / Blackwell)
+        return flash_attn_func
+    except ImportError:
+        return None
+
+
 def flash_attn_available() -> bool:
-    return importlib.util.find_spec("flash_attn") is not None
+    return _flash_attn_func() is not None
 
 
 def _triton_prope():
     try:
-        from kernels.prope_triton import prope_attention  # noqa: WPS433 (optional at import)
+        from kernels.prope_triton import prope_attention  # triton is optional at import
     except ImportError:
         return None
     return prope_attention
@@ -89,11 +107,15 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: Optional[str]) -> Tensor:
 
 
 def _flash_attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
-    from flash_attn import flash_attn_func
-
+    flash_attn_func = _flash_attn_func()
+    if flash_attn_func is None:
+        raise RuntimeError("attention backend 'flash_attn' forced but no flash_attn package "
+                           "(FlashAttention-2 or flash-attn-4) is importable")
     # flash_attn wants (B, N, h, d).
     o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
                         softmax_scale=1.0 / math.sqrt(q.shape[-1]))
+    if isinstance(o, tuple):  # FA4 may return (out, lse)
+        o = o[0]
     return o.transpose(1, 2)
 
 
@@ -104,6 +126,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cameras: Optional[PRoPECameras] =
     """
     backend = _forced
     if cameras is not None:
+        # The fused kernel itself falls back to the reference where it does not apply
+        # (CPU without the Triton interpreter, float64, unsupported head dims).
         args = (q, k, v, cameras.w2c, cameras.K, cameras.patches, cameras.image_size)
         if backend in (None, "triton") and (q.is_cuda or backend == "triton"):
             fused = _triton_prope()

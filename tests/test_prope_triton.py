@@ -1,0 +1,185 @@
+"""Fused PRoPE kernel against the PyTorch reference.
+
+CPU: the Triton interpreter, fp32, output and every gradient within 1e-4 relative error of a
+float64 reference. Triton fixes compiled vs interpreted when it is first imported, so the
+interpreter cases (`interp` in their names) run in-process only when this process started with
+TRITON_INTERPRET=1; otherwise `test_interpreter_cases_in_subprocess` reruns them in a fresh
+process that has it (robust to whatever the rest of the suite imported first).
+GPU (marker `gpu`): bf16 / fp16, error against float64 at most 2x that of the PyTorch reference
+run in the same dtype.
+"""
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import PRoPECameras, attention, prope_attention_ref, use_backend
+from kernels import prope_triton
+from kernels.prope_triton import head_tiles, prope_attention
+from tests.test_prope_ref import make_inputs
+
+
+ON_INTERPRETER = prope_triton.interpreted()
+interp = pytest.mark.skipif(not ON_INTERPRETER, reason="interpreter cases run in a subprocess "
+                            "(test_interpreter_cases_in_subprocess)")
+
+
+@pytest.mark.skipif(ON_INTERPRETER or torch.cuda.is_available(),
+                    reason="already interpreted in-process / GPU present")
+def test_interpreter_cases_in_subprocess():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(Path(__file__).resolve()), "-k", "test_interp_"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def run_both(q, k, v, w2c, K, patches, image, fused_dtype=torch.float32, device="cpu", seed=1):
+    """(fused outputs and grads in fused_dtype, float64 reference outputs and grads)."""
+    g = torch.Generator().manual_seed(seed)
+    do = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    ins = [t.to(device, fused_dtype).requires_grad_(True) for t in (q, k, v)]
+    o = prope_attention(*ins, w2c.to(device, torch.float32), K.to(device, torch.float32),
+                        patches, image)
+    o.backward(do.to(device, fused_dtype))
+    refs = [t.double().requires_grad_(True) for t in (q, k, v)]
+    r = prope_attention_ref(*refs, w2c.double(), K.double(), patches, image)
+    r.backward(do)
+    return [o] + [t.grad for t in ins], [r] + [t.grad for t in refs]
+
+
+@interp
+@pytest.mark.parametrize("d", [48, 64, 128])
+@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
+def test_interp_matches_reference(d, V, patches):
+    """3 views of 3x5 (15 tokens per view: one masked block of 16) and 2 views of 5x7
+    (35 tokens: 3 blocks, the last masked); random cameras; every head dim."""
+    image = (14 * patches[0], 14 * patches[1])
+    q, k, v, w2c, K = make_inputs(B=1, h=2, V=V, patches=patches, d=d, image=image, seed=d)
+    got, want = run_both(q, k, v, w2c, K, patches, image)
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert a.dtype == torch.float32
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= 1e-4, f"{name}: relative error {rel(a, b):.2e}"
+
+
+@interp
+def test_interp_strided_inputs_and_batch():
+    """(B, N, h, d) tensors viewed as (B, h, N, d): non-contiguous token/head strides; B = 2."""
+    B, h, V, patches, d = 2, 2, 2, (2, 3), 32
+    image = (28, 42)
+    q, k, v, w2c, K = make_inputs(B=B, h=h, V=V, patches=patches, d=d, image=image, seed=3)
+    N = q.shape[2]
+    qs, ks, vs = (t.transpose(1, 2).contiguous().float().requires_grad_(True) for t in (q, k, v))
+    o = prope_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
+                        w2c.float(), K.float(), patches, image)
+    assert o.shape == (B, h, N, d)
+    do = torch.randn(o.shape, dtype=torch.float64)
+    o.backward(do.float())
+    refs = [t.double().requires_grad_(True) for t in (q, k, v)]
+    r = prope_attention_ref(*refs, w2c, K, patches, image)
+    r.backward(do)
+    assert rel(o, r) <= 1e-4
+    for a, b in zip((qs.grad.transpose(1, 2), ks.grad.transpose(1, 2), vs.grad.transpose(1, 2)),
+                    (t.grad for t in refs)):
+        assert rel(a, b) <= 1e-4
+
+
+def test_head_tiles_avoid_padding():
+    assert head_tiles(48) == (16, 32)
+    assert head_tiles(64) == (32, 32)
+    assert head_tiles(128) == (64, 64)
+    assert head_tiles(96) == (32, 64)
+    assert head_tiles(16) is None and head_tiles(40) is None  # 40 = 32 + 8: falls back
+
+
+def test_fallbacks_use_the_reference():
+    q, k, v, w2c, K = make_inputs(d=16)  # float64 and d=16: both outside the kernel
+    torch.testing.assert_close(prope_attention(q, k, v, w2c, K, (3, 5), (42, 70)),
+                               prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70)))
+
+
+@pytest.mark.skipif(ON_INTERPRETER, reason="this process interprets")
+def test_cpu_without_interpreter_uses_reference():
+    q, k, v, w2c, K = make_inputs(d=32, dtype=torch.float32)
+    assert not prope_triton.supported(q)
+    torch.testing.assert_close(prope_attention(q, k, v, w2c.float(), K.float(), (3, 5), (42, 70)),
+                               prope_attention_ref(q, k, v, w2c.float(), K.float(), (3, 5),
+                                                   (42, 70)))
+
+
+@interp
+def test_interp_entry_point_forced_triton_backend():
+    q, k, v, w2c, K = make_inputs(B=1, h=1, V=2, patches=(2, 4), d=32, image=(28, 56),
+                                  dtype=torch.float32)
+    cams = PRoPECameras(w2c.float(), K.float(), (2, 4), (28, 56))
+    with use_backend("triton"):
+        out = attention(q, k, v, cams)
+    ref = prope_attention_ref(q.double(), k.double(), v.double(), w2c, K, (2, 4), (28, 56))
+    assert rel(out, ref) <= 1e-4
+
+
+def test_shape_errors_come_from_the_shared_check():
+    q, k, v, w2c, K = make_inputs(dtype=torch.float32)
+    with pytest.raises(ValueError, match=r"N=45 tokens but V\*ph\*pw"):
+        prope_attention(q, k, v, w2c, K, (3, 4), (42, 56))
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [48, 64, 128])
+@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (4, (9, 11)), (2, (18, 18))])
+def test_gpu_low_precision_error_at_most_twice_reference(dtype, d, V, patches):
+    image = (14 * patches[0], 14 * patches[1])
+    q, k, v, w2c, K = make_inputs(B=2, h=3, V=V, patches=patches, d=d, image=image, seed=d + V)
+    got, want = run_both(q, k, v, w2c, K, patches, image, fused_dtype=dtype, device="cuda")
+    # The unfused PyTorch reference in the same dtype, same inputs.
+    g = torch.Generator().manual_seed(1)
+    do = torch.randn(q.shape, generator=g, dtype=torch.float64)
+    ins = [t.to("cuda", dtype).requires_grad_(True) for t in (q, k, v)]
+    r = prope_attention_ref(*ins, w2c.cuda().float(), K.cuda().float(), patches, image)
+    r.backward(do.to("cuda", dtype))
+    base = [r] + [t.grad for t in ins]
+    for name, a, b, w in zip(("o", "dq", "dk", "dv"), got, base, want):
+        w = w.to("cuda")
+        assert torch.isfinite(a).all(), name
+        assert rel(a, w) <= 2 * rel(b, w) + 1e-6, f"{name}: {rel(a, w):.2e} vs ref {rel(b, w):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [48, 64])
+def test_gpu_float32(d):
+    patches, V = (6, 7), 3
+    image = (84, 98)
+    q, k, v, w2c, K = make_inputs(B=1, h=2, V=V, patches=patches, d=d, image=image, seed=7)
+    got, want = run_both(q, k, v, w2c, K, patches, image, device="cuda")
+    for a, b in zip(got, want):
+        assert rel(a, b.cuda()) <= 1e-4
+
+
+@pytest.mark.gpu
+def test_gpu_entry_point_uses_fused_kernel(monkeypatch):
+    q, k, v, w2c, K = make_inputs(B=1, h=2, V=2, patches=(4, 4), d=64, image=(56, 56),
+                                  dtype=torch.float32)
+    cams = PRoPECameras(w2c.float().cuda(), K.float().cuda(), (4, 4), (56, 56))
+    calls = []
+    real = prope_triton._PRoPEAttention.apply
+    monkeypatch.setattr(prope_triton._PRoPEAttention, "apply",
+                        lambda *a: calls.append(1) or real(*a))
+    out = attention(q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(), cams)
+    assert calls and out.dtype == torch.bfloat16
+    assert math.isfinite(out.float().abs().sum().item())
