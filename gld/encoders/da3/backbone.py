@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from gld.encoders.da3.config import PATCH_SIZE, DA3Config
 from kernels.attention import attention
 
-__all__ = ["Level", "Block", "DA3Backbone", "rope_tables", "apply_rope"]
+__all__ = ["Level", "Block", "DA3Backbone", "rope_tables", "apply_rope", "sign_fold"]
 
 
 class Level(NamedTuple):
@@ -87,16 +87,29 @@ def rope_tables(grid: tuple[int, int], head_dim: int, base: float, device,
     return cos, sin
 
 
-def _rotate_halves(x: Tensor) -> Tensor:
-    """Rotate-half inside each half of the last dim: [a, b | c, e] -> [-b, a | -e, c]."""
-    a, b, c, e = x.chunk(4, dim=-1)
-    return torch.cat([-b, a, -e, c], dim=-1)
+def _swap_quarters(x: Tensor) -> Tensor:
+    """[a, b | c, e] -> [b, a | e, c] along the last dim (one gather kernel)."""
+    d = x.shape[-1]
+    return x.unflatten(-1, (2, 2, d // 4)).flip(-2).flatten(-3)
 
 
-def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x (B, h, T, d) with tables (T, d) -> rotated x, computed in fp32, returned in x.dtype."""
+def apply_rope(x: Tensor, cos: Tensor, sin_signed: Tensor) -> Tensor:
+    """x (B, h, T, d) with tables (T, d) -> rotated x, computed in fp32, returned in x.dtype.
+
+    Rotate-half inside each half: x * cos + [-b, a | -e, c] * sin, written as
+    x * cos + [b, a | e, c] * sin_signed with the sign folded into the table (bit-identical:
+    negation is exact), which saves kernels.
+    """
     xf = x.float()
-    return (xf * cos + _rotate_halves(xf) * sin).to(x.dtype)
+    return (xf * cos + _swap_quarters(xf) * sin_signed).to(x.dtype)
+
+
+def sign_fold(sin: Tensor) -> Tensor:
+    """sin table (T, d) -> the table `apply_rope` takes: quarters 0 and 2 negated."""
+    d = sin.shape[-1]
+    sign = torch.ones(4, device=sin.device, dtype=sin.dtype)
+    sign[0] = sign[2] = -1
+    return (sin.unflatten(-1, (4, d // 4)) * sign[:, None]).flatten(-2)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -135,7 +148,7 @@ def _attention_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, T
 class Attention(nn.Module):
     """Multi-head self-attention; optional per-head qk LayerNorm (eps 1e-5) and 2D RoPE.
 
-    x (B, T, C) -> (B, T, C); rope: (cos, sin) each (T, d) or None.
+    x (B, T, C) -> (B, T, C); rope: (cos, sign-folded sin) each (T, d) or None.
     """
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = False) -> None:
@@ -253,7 +266,8 @@ class DA3Backbone(nn.Module):
             d, base = self.cfg.head_dim, self.cfg.rope_base
             local = rope_tables(grid, d, base, device, "local")
             glob = rope_tables(grid, d, base, device, "global")
-            glob = (glob[0].repeat(views, 1), glob[1].repeat(views, 1))
+            local = (local[0], sign_fold(local[1]))
+            glob = (glob[0].repeat(views, 1), sign_fold(glob[1]).repeat(views, 1))
             if len(self._rope_cache) > 16:
                 self._rope_cache.clear()
             self._rope_cache[key] = {"local": local, "global": glob}
