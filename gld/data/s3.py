@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import BinaryIO, Optional
 
 __all__ = ["is_s3", "split_s3", "configure_endpoint", "client", "open_binary", "read_bytes",
-           "exists", "upload_dir", "download_dir", "join"]
+           "exists", "size_of", "upload_dir", "download_dir", "join"]
 
 _CLIENTS: dict = {}
 
@@ -82,6 +82,19 @@ def open_binary(path: str, endpoint: Optional[str] = None) -> BinaryIO:
 def read_bytes(path: str, endpoint: Optional[str] = None) -> bytes:
     with open_binary(path, endpoint) as f:
         return f.read()
+
+
+def size_of(path: str, endpoint: Optional[str] = None) -> int:
+    """Size in bytes of a local file or an s3:// object (FileNotFoundError if absent)."""
+    if not is_s3(path):
+        return os.path.getsize(path)
+    bucket, key = split_s3(path)
+    try:
+        return int(client(endpoint).head_object(Bucket=bucket, Key=key)["ContentLength"])
+    except Exception as e:
+        if _missing(e):
+            raise FileNotFoundError(f"object {path} does not exist") from None
+        raise
 
 
 def exists(path: str, endpoint: Optional[str] = None) -> bool:

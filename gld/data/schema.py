@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 import json
-import math
 
 import numpy as np
 
@@ -63,33 +62,42 @@ def check_cameras(K: np.ndarray, c2w: np.ndarray, sizes: list, where: str = "",
     if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
         raise DataError(f"{pre}expected K (N, 3, 3) and c2w (N, 4, 4) for N={n} frames, got "
                         f"K {K.shape}, c2w {c2w.shape}")
-    for i in range(n):
-        h, w = sizes[i]
-        k = K[i]
-        fx, fy, cx, cy = k[0, 0], k[1, 1], k[0, 2], k[1, 2]
-        if not np.isfinite(k).all():
-            raise DataError(f"{pre}frame {i}: non-finite intrinsics {k.tolist()}")
-        if (k[2] != (0, 0, 1)).any() or k[0, 1] != 0 or k[1, 0] != 0:
-            raise DataError(f"{pre}frame {i}: intrinsics must be [[fx,0,cx],[0,fy,cy],[0,0,1]], "
-                            f"got {k.tolist()}")
-        if not (fx >= 0.05 * w and fy >= 0.05 * h):
-            raise DataError(f"{pre}frame {i}: focal lengths fx={fx:.4g}, fy={fy:.4g} are not "
-                            f"pixels of a {w}x{h} image (expected >= 0.05 x size; normalised "
-                            f"intrinsics?)")
-        if not (0 <= cx <= w and 0 <= cy <= h):
-            raise DataError(f"{pre}frame {i}: principal point ({cx:.4g}, {cy:.4g}) lies outside "
-                            f"the {w}x{h} image")
-        T = c2w[i]
-        if not np.isfinite(T).all():
-            raise DataError(f"{pre}frame {i}: non-finite camera-to-world pose {T.tolist()}")
-        R = T[:3, :3]
-        orth = float(np.abs(R.T @ R - np.eye(3)).max())
-        det = float(np.linalg.det(R))
-        bottom = float(np.abs(T[3] - (0, 0, 0, 1)).max())
-        if orth > atol or abs(det - 1) > atol or bottom > atol or math.isnan(orth):
-            raise DataError(f"{pre}frame {i}: camera-to-world pose is not rigid "
-                            f"(|R^T R - I|max={orth:.3g}, det R={det:.4f}, last row "
-                            f"{T[3].tolist()})")
+    hw = np.asarray(sizes, np.float64).reshape(n, 2)
+    h, w = hw[:, 0], hw[:, 1]
+    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
+    with np.errstate(invalid="ignore"):
+        k_finite = np.isfinite(K).all((1, 2))
+        k_form = (K[:, 2] == (0, 0, 1)).all(1) & (K[:, 0, 1] == 0) & (K[:, 1, 0] == 0)
+        k_focal = (fx >= 0.05 * w) & (fy >= 0.05 * h)
+        k_pp = (cx >= 0) & (cx <= w) & (cy >= 0) & (cy <= h)
+        t_finite = np.isfinite(c2w).all((1, 2))
+        R = np.where(t_finite[:, None, None], c2w[:, :3, :3], 0.0)
+        orth = np.abs(R.transpose(0, 2, 1) @ R - np.eye(3)).max((1, 2))
+        det = np.linalg.det(R)
+        bottom = np.abs(c2w[:, 3] - (0, 0, 0, 1)).max(1)
+        rigid = (orth <= atol) & (np.abs(det - 1) <= atol) & (bottom <= atol)
+    ok = k_finite & k_form & k_focal & k_pp & t_finite & rigid
+    if ok.all():
+        return
+    i = int(np.flatnonzero(~ok)[0])
+    k, T = K[i], c2w[i]
+    if not k_finite[i]:
+        raise DataError(f"{pre}frame {i}: non-finite intrinsics {k.tolist()}")
+    if not k_form[i]:
+        raise DataError(f"{pre}frame {i}: intrinsics must be [[fx,0,cx],[0,fy,cy],[0,0,1]], "
+                        f"got {k.tolist()}")
+    if not k_focal[i]:
+        raise DataError(f"{pre}frame {i}: focal lengths fx={fx[i]:.4g}, fy={fy[i]:.4g} are not "
+                        f"pixels of a {w[i]:.0f}x{h[i]:.0f} image (expected >= 0.05 x size; "
+                        f"normalised intrinsics?)")
+    if not k_pp[i]:
+        raise DataError(f"{pre}frame {i}: principal point ({cx[i]:.4g}, {cy[i]:.4g}) lies "
+                        f"outside the {w[i]:.0f}x{h[i]:.0f} image")
+    if not t_finite[i]:
+        raise DataError(f"{pre}frame {i}: non-finite camera-to-world pose {T.tolist()}")
+    raise DataError(f"{pre}frame {i}: camera-to-world pose is not rigid "
+                    f"(|R^T R - I|max={orth[i]:.3g}, det R={det[i]:.4f}, last row "
+                    f"{T[3].tolist()})")
 
 
 @dataclass

@@ -54,9 +54,9 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gld.data import records, s3
-from gld.data.schema import DataError, Sequence
+from gld.data.schema import DataError, Sequence, check_cameras
 from gld.data.views import ViewSpec, collate, make_sample, select_views, view_rng
-from gld.data.writers import iter_tar_records, read_meta
+from gld.data.writers import iter_tar_records, read_meta, seq_c2w, seq_K
 
 __all__ = ["MultiViewStream", "MultiViewLoader", "build_dataset", "build_loader",
            "rank_and_world", "resolution_for_step"]
@@ -150,46 +150,56 @@ class MultiViewStream(IterableDataset):
         yield from self._batches(epoch, steps, items)
 
     def _batches(self, epoch: int, steps, items: Iterator[Item]) -> Iterator[dict]:
-        last_good: Optional[dict] = None
+        items = _Pushback(items)
+        last_good: Optional[Item] = None
         for step in steps:
             res = resolution_for_step(self.resolutions, self.seed, epoch, step)
             samples, skipped = [], 0
             for _ in range(self.batch_size):
-                sid, where, load = next(items)
+                item = next(items)
                 try:
-                    sample = self._make(load, sid, where, epoch, res)
+                    samples.append(self._make(*item, epoch, res))
+                    last_good = item
                 except DataError as e:
                     if not self.skip_bad:
                         raise
                     skipped += 1
                     log.warning("skipping bad sample: %s", e)
-                    continue
-                samples.append(sample)
-                last_good = sample
             if skipped:
-                fill = samples[0] if samples else last_good
-                if fill is None or tuple(fill["images"].shape[-2:]) != res:
-                    fill = self._refill(items, epoch, res, skipped)
+                if last_good is None:  # nothing good yet in this worker: look ahead
+                    last_good = self._look_ahead(items, epoch, res)
+                fill = self._make(*last_good, epoch, res)
                 samples += [fill] * (self.batch_size - len(samples))
             batch = collate(samples)
             batch.update(epoch=epoch, step=step, num_skipped=skipped)
             yield batch
 
-    def _refill(self, items, epoch, res, skipped) -> dict:
-        """No good sample at this resolution yet: take the next good one of this worker."""
-        for sid, where, load in items:
+    def _look_ahead(self, items: "_Pushback", epoch, res) -> Item:
+        """The next good item of this worker. Everything looked at is pushed back, so every
+        item is still served (and bad ones counted) in its own turn."""
+        seen = []
+        for item in items:
+            seen.append(item)
             try:
-                return self._make(load, sid, where, epoch, res)
+                self._make(*item, epoch, res)
             except DataError:
                 continue
-        raise DataError(f"{skipped} bad samples and no good one left to replace them "
-                        f"(epoch {epoch})")
+            break
+        else:
+            raise DataError(f"skip_bad: every remaining sample of this worker is bad "
+                            f"(epoch {epoch})")
+        for it in reversed(seen):
+            items.push(it)
+        return seen[-1]
 
-    def _make(self, load, sid, where, epoch, res) -> dict:
+    def _make(self, sid, where, load, epoch, res) -> dict:
         rng = view_rng(self.spec, epoch, sid)
         if self.source == "synthetic":
             return self._render_synthetic(sid, rng, res)
         seq = load()
+        # The whole record's cameras, not only the chosen views: a bad record fails every time.
+        check_cameras(seq_K(seq), seq_c2w(seq), seq.image_sizes, f"{where} (scene "
+                      f"{seq.scene_id!r})")
         try:
             pos, mask = select_views(len(seq.frames), self.spec, rng)
         except DataError as e:
@@ -232,7 +242,7 @@ class MultiViewStream(IterableDataset):
         if self.weights and len(set(self.weights)) > 1:
             raise ValueError("data.weights (mixing proportions) need data.source='mds'; "
                              "webdataset shards are read once each per epoch")
-        self.shards = []  # (url, num_records, first global record id)
+        self.shards = []  # (url, num_records, first global record id, file bytes)
         n = 0
         for path in self.paths:
             meta = read_meta(path, self.endpoint)
@@ -240,7 +250,8 @@ class MultiViewStream(IterableDataset):
                 raise DataError(f"{path}: written by the {meta.writer!r} writer, but "
                                 f"data.source='wds'")
             for info in meta.shards:
-                self.shards.append((s3.join(path, info["name"]), int(info["num_records"]), n))
+                self.shards.append((s3.join(path, info["name"]), int(info["num_records"]), n,
+                                    int(info["bytes"])))
                 n += int(info["num_records"])
         self.num_records = n
 
@@ -265,13 +276,13 @@ class MultiViewStream(IterableDataset):
         slot = slots[self.rank * W + first % W]
         skip = (first // W) * self.batch_size
         for shard_i in slot:
-            url, count, base = self.shards[shard_i]
+            url, count, base, size = self.shards[shard_i]
             if skip >= count:
                 skip -= count
                 continue
             perm = self._order_in_shard(epoch, shard_i, count)
             loaded = dict((local, (where, load)) for local, where, load in
-                          self._read_shard(url, count, base))
+                          self._read_shard(url, count, base, size))
             for local in perm[skip:]:
                 where, load = loaded[int(local)]
                 yield base + int(local), where, load
@@ -282,26 +293,30 @@ class MultiViewStream(IterableDataset):
             return np.arange(count)
         return np.random.default_rng([self.seed, int(epoch), int(shard_i), 37]).permutation(count)
 
-    def _read_shard(self, url: str, count: int, base: int):
-        """All records of one shard: (local index, where, load). Shard-level errors become
-        loads that raise (so skip_bad can count them), or raise at once."""
-        got = 0
+    def _read_shard(self, url: str, count: int, base: int, size: int):
+        """All records of one shard: (local index, where, load). A missing, truncated or
+        unreadable shard raises DataError naming it, or with skip_bad its unreadable records
+        become loads that raise (counted as skipped)."""
+        got, error = [], None
         try:
-            for i, raw in iter_tar_records(url, self.endpoint):
-                where = f"shard {url} record {i} (sample {base + i})"
-                yield i, where, (lambda raw=raw, where=where: records.from_wds(raw, where))
-                got = i + 1
-            if got != count:
-                raise DataError(f"shard {url}: {got} records, gld_meta.json says {count} "
-                                f"(truncated shard?)")
+            got = list(iter_tar_records(url, self.endpoint, size))
+            if len(got) != count:
+                error = DataError(f"shard {url}: {len(got)} records, gld_meta.json says "
+                                  f"{count} (truncated shard?)")
         except DataError as e:
+            error = e
+        if error is not None:
             if not self.skip_bad:
-                raise
-
-            def fail(e=e):
+                raise error
+            got = got[:-1]  # the last record read from a broken tar may be partial
+        for i, raw in got:
+            where = f"shard {url} record {i} (sample {base + i})"
+            yield i, where, (lambda raw=raw, where=where: records.from_wds(raw, where))
+        if error is not None:
+            def fail(e=error):
                 raise e
-            for i in range(got, count):
-                yield i, f"shard {url} record {i}", fail
+            for i in range(len(got), count):
+                yield i, f"shard {url} record {i} (sample {base + i})", fail
 
     # ---- MDS through mosaicml-streaming ---------------------------------------------------------
     def _init_mds(self, cache_dir: Optional[str]) -> None:
@@ -322,8 +337,13 @@ class MultiViewStream(IterableDataset):
                 local, remote = path, None
             kw = {"proportion": self.weights[i] / total_w} if total_w else {}
             streams.append(Stream(remote=remote, local=local, **kw))
+        from streaming.base.world import World
+
+        # Fixed (not streaming's lazy default) so the resume state can be built without it.
+        self.num_nodes = World.detect().num_nodes
         self.records = _MDSRecords(streams=streams, batch_size=self.batch_size,
                                    shuffle=self.shuffle, shuffle_seed=self.seed,
+                                   num_canonical_nodes=self.num_nodes,
                                    allow_unsafe_types=False)
         self.num_records = self.records.num_samples
 
@@ -351,6 +371,22 @@ class MultiViewStream(IterableDataset):
         n_steps = self.steps_per_epoch()
         yield from self._batches(epoch, range(s0 + w, n_steps, W), gen)
         self.records._raise_failure()
+
+
+class _Pushback:
+    """An iterator that can take items back."""
+
+    def __init__(self, it):
+        self.it, self.back = iter(it), []
+
+    def __iter__(self):
+        return self
+
+    def __next__(self):
+        return self.back.pop() if self.back else next(self.it)
+
+    def push(self, item) -> None:
+        self.back.append(item)
 
 
 def _chain(a, b):
@@ -454,11 +490,12 @@ class MultiViewLoader:
         self.epoch, self.step = self.epoch + 1, 0
 
     def _mds_state(self) -> dict:
+        """mosaicml-streaming's resume state for (epoch, step), built here rather than read
+        from its shared memory (another rank of the node may be rewriting that)."""
         ds = self.dataset
-        st = ds.records.state_dict(num_samples=0, from_beginning=True)
-        st.update(epoch=self.epoch,
-                  sample_in_epoch=self.step * ds.batch_size * ds.world_size)
-        return st
+        return {"epoch": self.epoch, "sample_in_epoch": self.step * ds.batch_size * ds.world_size,
+                "num_canonical_nodes": ds.num_nodes, "shuffle_seed": ds.seed,
+                "initial_physical_nodes": ds.num_nodes}
 
     def state_dict(self) -> dict:
         ds = self.dataset

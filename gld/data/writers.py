@@ -81,6 +81,8 @@ class _WdsShards:
         if self.writer is not None:
             self.writer.close()
             self.writer = None
+            last = self.shards[-1]
+            last["bytes"] = os.path.getsize(self.folder / last["name"])  # the file's size
 
 
 def write_dataset(sequences: Iterable[Sequence], output: str,
@@ -258,12 +260,23 @@ def _read_mds(path, meta, endpoint, check):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-def iter_tar_records(url: str, endpoint: Optional[str] = None) -> Iterator[tuple[int, dict]]:
+def iter_tar_records(url: str, endpoint: Optional[str] = None,
+                     expected_bytes: Optional[int] = None) -> Iterator[tuple[int, dict]]:
     """(index in shard, {member suffix: bytes, '__key__': key}) for each record of one tar
-    shard; DataError naming the shard and record on a truncated or unreadable tar."""
+    shard; DataError naming the shard (and record) when it is missing, has another size than
+    `expected_bytes` (truncated: tar readers stop silently at a block boundary) or is
+    unreadable."""
     from webdataset.tariterators import group_by_keys, tar_file_expander
 
     i = -1
+    if expected_bytes is not None:
+        try:
+            size = s3.size_of(url, endpoint)
+        except FileNotFoundError as e:
+            raise DataError(f"shard {url}: missing ({e})") from None
+        if size != expected_bytes:
+            raise DataError(f"shard {url}: {size} bytes, {META_FILE} says {expected_bytes} "
+                            f"(truncated shard)")
     try:
         stream = s3.open_binary(url, endpoint)
     except FileNotFoundError as e:
@@ -290,7 +303,7 @@ def _read_wds(path, meta, endpoint, check):
     for info in meta.shards:
         url = s3.join(path, info["name"])
         n = 0
-        for i, sample in iter_tar_records(url, endpoint):
+        for i, sample in iter_tar_records(url, endpoint, info["bytes"]):
             where = f"{url} record {i}"
             seq = records.from_wds(sample, where)
             if check:
