@@ -226,3 +226,10 @@ def test_input_errors_say_what_was_expected(small):
         small.propagate(levels[1], 4)
     with pytest.raises(ValueError, match="do not match image size"):
         small.geometry(levels, (28, 28))
+
+
+def test_graphed_call_refuses_cpu_inputs():
+    from gld.encoders.da3.cuda_graph import GraphedCall
+
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        GraphedCall(lambda x: x, torch.zeros(2))

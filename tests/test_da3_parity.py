@@ -123,7 +123,7 @@ def _official_api_normalize(w2c):
     return ex
 
 
-@pytest.mark.parametrize("views,size", [(1, (56, 56)), (2, (42, 70)), (4, (56, 56)), (4, (42, 70))])
+@pytest.mark.parametrize("views,size", [(1, (56, 56)), (2, (42, 70)), (4, (42, 70))])
 def test_posed_parity(pair, views, size):
     """Camera encoder path: poses normalised as the API does, then camera tokens replace the
     learned ones (no view reordering with poses)."""
@@ -164,19 +164,19 @@ def test_api_normalisation_is_gld_median_scheme():
                                atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("from_level", [0, 1, 2])
-def test_propagate_is_exact(pair, from_level):
+def test_propagate_is_exact(pair):
     _, ours = pair
     imgs = _images(1, 3, 42, 70, seed=11)
     levels = ours.encode(imgs)
-    deeper = ours.propagate(levels[from_level], from_level)
-    assert len(deeper) == 3 - from_level
-    for got, want in zip(deeper, levels[from_level + 1:]):
-        assert torch.equal(got.features, want.features)
-        assert torch.equal(got.cam_token, want.cam_token)
+    for from_level in (0, 1, 2):
+        deeper = ours.propagate(levels[from_level], from_level)
+        assert len(deeper) == 3 - from_level
+        for got, want in zip(deeper, levels[from_level + 1:]):
+            assert torch.equal(got.features, want.features), from_level
+            assert torch.equal(got.cam_token, want.cam_token), from_level
     # A bare (features, cam_token) pair needs the image size for a non-square grid.
-    bare = (levels[from_level].features, levels[from_level].cam_token)
-    again = ours.propagate(bare, from_level, image_size=(42, 70))
+    bare = (levels[1].features, levels[1].cam_token)
+    again = ours.propagate(bare, 1, image_size=(42, 70))
     assert torch.equal(again[-1].features, levels[3].features)
     assert ours.propagate(levels[3], 3) == []
 
@@ -184,6 +184,8 @@ def test_propagate_is_exact(pair, from_level):
 def test_propagate_needs_token0(pair):
     """Dropping token 0 (zeros instead) changes deeper levels: why the cam token is kept."""
     _, ours = pair
+    if ours.variant != "da3-small":
+        pytest.skip("one variant suffices (cost)")
     levels = ours.encode(_images(1, 2, 56, 56, seed=5))
     lv = levels[1]
     wrong = ours.propagate((lv.features, torch.zeros_like(lv.cam_token)), 1, image_size=(56, 56))
