@@ -5,7 +5,7 @@ Math (reference.md section 3, names as in `prope_ref`): per token t of camera c,
 with D_t = blockdiag(I (x) P_c, R(x)^T, R(y)^T): channels [0, d/2) in 4-chunks through the camera
 matrix, [d/2, d) rotated by the patch column / row (RoPE).
 
-Design (why it is fast and lean):
+Design:
 - Query blocks and key blocks never straddle two cameras: each view's ph*pw tokens are cut into
   blocks of their own, the last one masked. So a (query block, key camera) pair has ONE camera
   pair (ci, cj), and the camera part folds into a single 4x4 matrix A = P_ci P_cj^-1
@@ -14,12 +14,15 @@ Design (why it is fast and lean):
   accumulated raw per key camera and the accumulator is multiplied by blockdiag(A^T) at the end
   of that camera's blocks (linear, so it commutes with the online-softmax rescale); this also
   applies the output's P_ci. Nothing camera-dependent runs per key block.
-- RoPE is per token: inputs are rotated as they are loaded (a second load of the partner
-  channels, cos/sin from a (ph*pw, d1) table), outputs are rotated back in registers (the
-  partner channels come from a 0/1 permutation dot in fp32-exact precision).
-- Head dim d is split into two power-of-two column tiles, T0 = [0, d0) (all projective) and
-  T1 = [d0, d) (the rest of the projective channels and all RoPE channels), so d = 48 runs as
-  16 + 32 and wastes nothing on padding to 64 (d = 64: 32 + 32, d = 128: 64 + 64).
+- RoPE is per token: the head dim is split into three power-of-two column tiles, T0 = [0, d0)
+  (projective), TA = the RoPE a-halves and TB = their b-half partners (plus, when d/2 is not a
+  power of two, half each of the remaining projective channels), so a and b of each pair sit at
+  the same position of TA and TB: inputs are rotated as they are loaded and outputs rotated back
+  in registers, elementwise, with cos/sin from a (ph*pw, d1/2) fp32 table. d = 48 runs as
+  16 + 16 + 16 with no padding to 64 (d = 64: 32 + 16 + 16, d = 128: 64 + 32 + 32).
+- Speed (H100, launch/results/profile_kernels_h100_2026-11-24.md): 110-190 TFLOP/s forward at
+  N = 10368, slower than the unfused reference there (which runs cuDNN/flash SDPA), about 3x
+  faster than it forward at 8 views of 18x18; far less memory than the reference everywhere.
 - Statistics: fp32 log2-sum-exp per row (B, h, N) saved for the backward; no transformed copy
   of q, k, v or o is ever written to memory. Extra memory over plain attention: the LSE, and in
   the backward the fp32 delta = rowsum(o * do) (equal to rowsum(o' * do')).
@@ -57,341 +60,407 @@ __all__ = ["prope_attention", "FusedConfig", "head_tiles", "supported", "interpr
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _blockdiag(a_ptr, OFF: tl.constexpr, DT: tl.constexpr, HALF: tl.constexpr,
-               TRANSPOSE: tl.constexpr):
-    """(DT, DT) tile of the d x d matrix blockdiag(A, ..., A, I) at rows/cols OFF.. (A: 4x4 at
-    a_ptr, row-major, on the projective channels < HALF; identity on the RoPE channels)."""
-    r = OFF + tl.arange(0, DT)[:, None]
-    c = OFF + tl.arange(0, DT)[None, :]
-    inblk = ((r // 4) == (c // 4)) & (c < HALF)
+def _blockdiag(a_ptr, DT: tl.constexpr, PSTART: tl.constexpr, TRANSPOSE: tl.constexpr):
+    """(DT, DT) tile: blockdiag(A, ..., A) on the tile's projective columns (>= PSTART, 4-chunks),
+    identity on its RoPE columns (< PSTART). A: 4x4 row-major at a_ptr (A^T if TRANSPOSE)."""
+    r = tl.arange(0, DT)[:, None]
+    c = tl.arange(0, DT)[None, :]
+    inblk = ((r // 4) == (c // 4)) & (c >= PSTART)
     if TRANSPOSE:
         idx = (c % 4) * 4 + (r % 4)
     else:
         idx = (r % 4) * 4 + (c % 4)
     val = tl.load(a_ptr + idx, mask=inblk, other=0.0)
-    return val + ((r == c) & (c >= HALF)).to(tl.float32)
+    return val + ((r == c) & (c < PSTART)).to(tl.float32)
 
 
 @triton.jit
-def _load_rot(base, tok, ok, stride_n, cos, ssin, PART, D0: tl.constexpr, D1: tl.constexpr,
-              HALF: tl.constexpr):
-    """Tile T1 of rows `tok`, RoPE-rotated forward (x * cos + partner(x) * ssin), fp32."""
-    c1 = tl.arange(0, D1)
-    part = tl.load(PART + c1)
-    rows = base + tok[:, None].to(tl.int64) * stride_n
-    x = tl.load(rows + (D0 + c1)[None, :], mask=ok[:, None], other=0.0).to(tl.float32)
-    xp = tl.load(rows + part[None, :], mask=ok[:, None] & ((D0 + c1) >= HALF)[None, :],
-                 other=0.0).to(tl.float32)
-    return x * cos + xp * ssin
+def _ab_cols(HALF: tl.constexpr, D0: tl.constexpr, H1: tl.constexpr, T1_PROJ: tl.constexpr):
+    """Channels of tiles TA and TB: RoPE a-halves (x then y) / their b-half partners, then (when
+    d/2 is not a power of two) one half each of the projective channels [D0, d/2)."""
+    j = tl.arange(0, H1)
+    H8: tl.constexpr = HALF // 4
+    Q4: tl.constexpr = HALF // 2
+    if T1_PROJ:
+        ca = tl.where(j < H8, HALF + j, tl.where(j < Q4, HALF + Q4 + (j - H8), D0 + (j - Q4)))
+        cb = tl.where(j < H8, HALF + H8 + j,
+                      tl.where(j < Q4, HALF + Q4 + H8 + (j - H8), D0 + (HALF - D0) // 2 + (j - Q4)))
+    else:
+        ca = HALF + (j // H8) * Q4 + (j % H8)
+        cb = ca + H8
+    return ca, cb
 
 
 @triton.jit
-def _tables(COS, SSIN, pix, ok, D1: tl.constexpr):
-    c1 = tl.arange(0, D1)
-    off = pix[:, None] * D1 + c1[None, :]
-    cos = tl.load(COS + off, mask=ok[:, None], other=0.0)
-    ssin = tl.load(SSIN + off, mask=ok[:, None], other=0.0)
-    return cos, ssin
+def _load_tile(rows, cols, ok):
+    return tl.load(rows + cols[None, :], mask=ok[:, None], other=0.0)
 
 
 @triton.jit
-def _unrotate(x, cos, ssin, PART, D0: tl.constexpr, D1: tl.constexpr, XPREC: tl.constexpr):
-    """Inverse RoPE of an fp32 T1 tile in registers: x * cos - partner(x) * ssin; the partner
-    channels come from a 0/1 permutation dot (exact in fp32 / tf32x3)."""
-    c1 = tl.arange(0, D1)
-    part = tl.load(PART + c1)
-    perm = ((D0 + c1)[:, None] == part[None, :]).to(tl.float32)
-    xp = tl.dot(x, perm, input_precision=XPREC)
-    return x * cos - xp * ssin
+def _tables(COS, SIN, pix, ok, H1: tl.constexpr):
+    off = pix[:, None] * H1 + tl.arange(0, H1)[None, :]
+    return (tl.load(COS + off, mask=ok[:, None], other=0.0),
+            tl.load(SIN + off, mask=ok[:, None], other=0.0))
 
 
 @triton.jit
-def _prope_fwd(Q, K, V, O, LSE, A, COS, SSIN, PART,
+def _rot(a, b, c, s):
+    """Forward RoPE (inputs): [a cos + b sin, -a sin + b cos], fp32."""
+    a = a.to(tl.float32)
+    b = b.to(tl.float32)
+    return a * c + b * s, b * c - a * s
+
+
+@triton.jit
+def _unrot(a, b, c, s):
+    """Inverse RoPE (outputs): [a cos - b sin, a sin + b cos]."""
+    return a * c - b * s, a * s + b * c
+
+
+@triton.jit
+def _prope_fwd(Q, K, V, O, LSE, A, COS, SIN,
                s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_ob, s_oh, s_on,
                NH, NVIEW, NV, qk_scale,
-               D0: tl.constexpr, D1: tl.constexpr, HALF: tl.constexpr, T1_PROJ: tl.constexpr,
+               D0: tl.constexpr, H1: tl.constexpr, HALF: tl.constexpr, T1_PROJ: tl.constexpr,
                BM: tl.constexpr, BN: tl.constexpr, XPREC: tl.constexpr, MPREC: tl.constexpr):
+    Q4: tl.constexpr = HALF // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NH
     h = bh % NH
     dt = Q.dtype.element_ty
-    nqb = tl.cdiv(NV, BM)
-    nkb = tl.cdiv(NV, BN)
+    nqb = (NV + BM - 1) // BM
+    nkb = (NV + BN - 1) // BN
     ci = pid // nqb
     pix_m = (pid % nqb) * BM + tl.arange(0, BM)
     row_ok = pix_m < NV
-    tok_m = ci * NV + pix_m
+    tok_m = (ci * NV + pix_m).to(tl.int64)
     c0 = tl.arange(0, D0)
-    c1 = tl.arange(0, D1)
-    q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    ca, cb = _ab_cols(HALF, D0, H1, T1_PROJ)
+    q_rows = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + tok_m[:, None] * s_qn
     k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
 
-    cos_m, ssin_m = _tables(COS, SSIN, pix_m, row_ok, D1)
-    q0 = tl.load(q_base + tok_m[:, None].to(tl.int64) * s_qn + c0[None, :], mask=row_ok[:, None],
-                 other=0.0).to(tl.float32)
-    q1 = _load_rot(q_base, tok_m, row_ok, s_qn, cos_m, ssin_m, PART, D0, D1, HALF)
+    q0 = _load_tile(q_rows, c0, row_ok)
+    cm, sm = _tables(COS, SIN, pix_m, row_ok, H1)
+    qa, qb = _rot(_load_tile(q_rows, ca, row_ok), _load_tile(q_rows, cb, row_ok), cm, sm)
+    qqa = qa.to(dt)   # exact on projective channels, rounded once on RoPE channels
+    qqb = qb.to(dt)
 
     m_i = tl.full([BM], float("-inf"), tl.float32)
     m_tot = tl.full([BM], float("-inf"), tl.float32)
     l_i = tl.zeros([BM], tl.float32)
     acc0 = tl.zeros([BM, D0], tl.float32)
-    acc1 = tl.zeros([BM, D1], tl.float32)
-    cacc1 = tl.zeros([BM, D1], tl.float32)
+    acca = tl.zeros([BM, H1], tl.float32)
+    accb = tl.zeros([BM, H1], tl.float32)
+    cacca = tl.zeros([BM, H1], tl.float32)
+    caccb = tl.zeros([BM, H1], tl.float32)
     a_row = A + ((b * NVIEW + ci) * NVIEW).to(tl.int64) * 16
     for cj in range(0, NVIEW):
         a_ptr = a_row + cj * 16
-        qq0 = tl.dot(q0, _blockdiag(a_ptr, 0, D0, HALF, False), input_precision=XPREC).to(dt)
+        # q'' = A^T q on the projective channels (A = P_ci P_cj^-1): keys stay raw.
+        qq0 = tl.dot(q0.to(tl.float32), _blockdiag(a_ptr, D0, 0, False),
+                     input_precision=XPREC).to(dt)
         if T1_PROJ:
-            qq1 = tl.dot(q1, _blockdiag(a_ptr, D0, D1, HALF, False), input_precision=XPREC).to(dt)
-            cacc1 = tl.zeros([BM, D1], tl.float32)
-        else:
-            qq1 = q1.to(dt)
+            g1 = _blockdiag(a_ptr, H1, Q4, False)
+            qqa = tl.dot(qa.to(dt).to(tl.float32), g1, input_precision=XPREC).to(dt)
+            qqb = tl.dot(qb.to(dt).to(tl.float32), g1, input_precision=XPREC).to(dt)
+            cacca = tl.zeros([BM, H1], tl.float32)
+            caccb = tl.zeros([BM, H1], tl.float32)
         cacc0 = tl.zeros([BM, D0], tl.float32)
         for n in range(0, nkb):
             pix_n = n * BN + tl.arange(0, BN)
             key_ok = pix_n < NV
-            tok_n = cj * NV + pix_n
-            cos_n, ssin_n = _tables(COS, SSIN, pix_n, key_ok, D1)
-            k0 = tl.load(k_base + tok_n[:, None].to(tl.int64) * s_kn + c0[None, :],
-                         mask=key_ok[:, None], other=0.0)
-            k1 = _load_rot(k_base, tok_n, key_ok, s_kn, cos_n, ssin_n, PART, D0, D1, HALF).to(dt)
+            tok_n = (cj * NV + pix_n).to(tl.int64)
+            k_rows = k_base + tok_n[:, None] * s_kn
+            v_rows = v_base + tok_n[:, None] * s_vn
+            cn, sn = _tables(COS, SIN, pix_n, key_ok, H1)
+            k0 = _load_tile(k_rows, c0, key_ok)
+            ka, kb = _rot(_load_tile(k_rows, ca, key_ok), _load_tile(k_rows, cb, key_ok), cn, sn)
             s = tl.dot(qq0, tl.trans(k0), input_precision=MPREC)
-            s = tl.dot(qq1, tl.trans(k1), s, input_precision=MPREC)
+            s = tl.dot(qqa, tl.trans(ka.to(dt)), s, input_precision=MPREC)
+            s = tl.dot(qqb, tl.trans(kb.to(dt)), s, input_precision=MPREC)
             s = tl.where(key_ok[None, :], s * qk_scale, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             alpha = tl.exp2(m_i - m_new)
             p = tl.exp2(s - m_new[:, None])
             l_i = l_i * alpha + tl.sum(p, 1)
-            v0 = tl.load(v_base + tok_n[:, None].to(tl.int64) * s_vn + c0[None, :],
-                         mask=key_ok[:, None], other=0.0)
-            v1 = _load_rot(v_base, tok_n, key_ok, s_vn, cos_n, ssin_n, PART, D0, D1, HALF).to(dt)
+            v0 = _load_tile(v_rows, c0, key_ok)
+            va, vb = _rot(_load_tile(v_rows, ca, key_ok), _load_tile(v_rows, cb, key_ok), cn, sn)
             pd = p.to(dt)
             cacc0 = tl.dot(pd, v0, cacc0 * alpha[:, None], input_precision=MPREC)
             if T1_PROJ:
-                cacc1 = tl.dot(pd, v1, cacc1 * alpha[:, None], input_precision=MPREC)
+                cacca = tl.dot(pd, va.to(dt), cacca * alpha[:, None], input_precision=MPREC)
+                caccb = tl.dot(pd, vb.to(dt), caccb * alpha[:, None], input_precision=MPREC)
             else:
-                acc1 = tl.dot(pd, v1, acc1 * alpha[:, None], input_precision=MPREC)
+                acca = tl.dot(pd, va.to(dt), acca * alpha[:, None], input_precision=MPREC)
+                accb = tl.dot(pd, vb.to(dt), accb * alpha[:, None], input_precision=MPREC)
             m_i = m_new
         # End of key camera cj: v' = P_cj^-1 v and o = P_ci o' fold into blockdiag(A^T).
         rescale = tl.exp2(m_tot - m_i)[:, None]
-        acc0 = acc0 * rescale + tl.dot(cacc0, _blockdiag(a_ptr, 0, D0, HALF, True),
+        acc0 = acc0 * rescale + tl.dot(cacc0, _blockdiag(a_ptr, D0, 0, True),
                                        input_precision=XPREC)
         if T1_PROJ:
-            acc1 = acc1 * rescale + tl.dot(cacc1, _blockdiag(a_ptr, D0, D1, HALF, True),
-                                           input_precision=XPREC)
+            h1 = _blockdiag(a_ptr, H1, Q4, True)
+            acca = acca * rescale + tl.dot(cacca, h1, input_precision=XPREC)
+            accb = accb * rescale + tl.dot(caccb, h1, input_precision=XPREC)
         m_tot = m_i
 
     inv_l = 1.0 / l_i[:, None]
-    o0 = acc0 * inv_l
-    o1 = _unrotate(acc1 * inv_l, cos_m, ssin_m, PART, D0, D1, XPREC)
-    o_rows = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + tok_m[:, None].to(tl.int64) * s_on
-    tl.store(o_rows + c0[None, :], o0.to(dt), mask=row_ok[:, None])
-    tl.store(o_rows + (D0 + c1)[None, :], o1.to(dt), mask=row_ok[:, None])
+    cm, sm = _tables(COS, SIN, pix_m, row_ok, H1)
+    oa, ob = _unrot(acca * inv_l, accb * inv_l, cm, sm)
+    o_rows = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + tok_m[:, None] * s_on
+    tl.store(o_rows + c0[None, :], (acc0 * inv_l).to(dt), mask=row_ok[:, None])
+    tl.store(o_rows + ca[None, :], oa.to(dt), mask=row_ok[:, None])
+    tl.store(o_rows + cb[None, :], ob.to(dt), mask=row_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * (NVIEW * NV) + tok_m, m_i + tl.log2(l_i), mask=row_ok)
 
 
 @triton.jit
-def _prope_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, A, COS, SSIN, PART,
+def _prope_bwd_dq(Q, K, V, O, DO, DQ, LSE, DELTA, A, COS, SIN,
                   s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn,
                   s_ob, s_oh, s_on, s_db, s_dh, s_dn,
                   NH, NVIEW, NV, qk_scale, sm_scale,
-                  D0: tl.constexpr, D1: tl.constexpr, HALF: tl.constexpr, T1_PROJ: tl.constexpr,
+                  D0: tl.constexpr, H1: tl.constexpr, HALF: tl.constexpr, T1_PROJ: tl.constexpr,
                   BM: tl.constexpr, BN: tl.constexpr, XPREC: tl.constexpr, MPREC: tl.constexpr):
     """dq for one query block (grid like the forward); also writes delta = rowsum(o * do).
     DQ has Q's strides."""
+    Q4: tl.constexpr = HALF // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NH
     h = bh % NH
     dt = Q.dtype.element_ty
-    nqb = tl.cdiv(NV, BM)
-    nkb = tl.cdiv(NV, BN)
+    nqb = (NV + BM - 1) // BM
+    nkb = (NV + BN - 1) // BN
     ci = pid // nqb
     pix_m = (pid % nqb) * BM + tl.arange(0, BM)
     row_ok = pix_m < NV
-    tok_m = ci * NV + pix_m
-    tok64 = tok_m[:, None].to(tl.int64)
+    tok_m = (ci * NV + pix_m).to(tl.int64)
     c0 = tl.arange(0, D0)
-    c1 = tl.arange(0, D1)
-    q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
+    ca, cb = _ab_cols(HALF, D0, H1, T1_PROJ)
+    q_rows = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + tok_m[:, None] * s_qn
+    o_rows = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + tok_m[:, None] * s_on
+    do_rows = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh + tok_m[:, None] * s_dn
     k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
-    o_rows = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + tok64 * s_on
-    do_base = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
-    do_rows = do_base + tok64 * s_dn
 
-    cos_m, ssin_m = _tables(COS, SSIN, pix_m, row_ok, D1)
-    q0 = tl.load(q_base + tok64 * s_qn + c0[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    q1 = _load_rot(q_base, tok_m, row_ok, s_qn, cos_m, ssin_m, PART, D0, D1, HALF)
-    do0 = tl.load(do_rows + c0[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    do1_raw = tl.load(do_rows + (D0 + c1)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    o0 = tl.load(o_rows + c0[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    o1 = tl.load(o_rows + (D0 + c1)[None, :], mask=row_ok[:, None], other=0.0).to(tl.float32)
-    delta = tl.sum(o0 * do0, 1) + tl.sum(o1 * do1_raw, 1)
+    q0 = _load_tile(q_rows, c0, row_ok)
+    do0 = _load_tile(do_rows, c0, row_ok)
+    doa = _load_tile(do_rows, ca, row_ok).to(tl.float32)
+    dob = _load_tile(do_rows, cb, row_ok).to(tl.float32)
+    delta = (tl.sum(_load_tile(o_rows, c0, row_ok).to(tl.float32) * do0.to(tl.float32), 1)
+             + tl.sum(_load_tile(o_rows, ca, row_ok).to(tl.float32) * doa, 1)
+             + tl.sum(_load_tile(o_rows, cb, row_ok).to(tl.float32) * dob, 1))
     stat = bh.to(tl.int64) * (NVIEW * NV) + tok_m
     tl.store(DELTA + stat, delta, mask=row_ok)
     lse = tl.load(LSE + stat, mask=row_ok, other=0.0)
-    do1 = _load_rot(do_base, tok_m, row_ok, s_dn, cos_m, ssin_m, PART, D0, D1, HALF)
+    cm, sm = _tables(COS, SIN, pix_m, row_ok, H1)
+    qa, qb = _rot(_load_tile(q_rows, ca, row_ok), _load_tile(q_rows, cb, row_ok), cm, sm)
+    doa, dob = _rot(doa, dob, cm, sm)
+    qqa = qa.to(dt)
+    qqb = qb.to(dt)
+    dda = doa.to(dt)
+    ddb = dob.to(dt)
 
     dq0 = tl.zeros([BM, D0], tl.float32)
-    dq1 = tl.zeros([BM, D1], tl.float32)
-    cdq1 = tl.zeros([BM, D1], tl.float32)
+    dqa = tl.zeros([BM, H1], tl.float32)
+    dqb = tl.zeros([BM, H1], tl.float32)
+    cdqa = tl.zeros([BM, H1], tl.float32)
+    cdqb = tl.zeros([BM, H1], tl.float32)
     a_row = A + ((b * NVIEW + ci) * NVIEW).to(tl.int64) * 16
     for cj in range(0, NVIEW):
         a_ptr = a_row + cj * 16
-        g0 = _blockdiag(a_ptr, 0, D0, HALF, False)
-        qq0 = tl.dot(q0, g0, input_precision=XPREC).to(dt)
-        dd0 = tl.dot(do0, g0, input_precision=XPREC).to(dt)
+        g0 = _blockdiag(a_ptr, D0, 0, False)
+        qq0 = tl.dot(q0.to(tl.float32), g0, input_precision=XPREC).to(dt)
+        dd0 = tl.dot(do0.to(tl.float32), g0, input_precision=XPREC).to(dt)
         if T1_PROJ:
-            g1 = _blockdiag(a_ptr, D0, D1, HALF, False)
-            qq1 = tl.dot(q1, g1, input_precision=XPREC).to(dt)
-            dd1 = tl.dot(do1, g1, input_precision=XPREC).to(dt)
-            cdq1 = tl.zeros([BM, D1], tl.float32)
-        else:
-            qq1 = q1.to(dt)
-            dd1 = do1.to(dt)
+            g1 = _blockdiag(a_ptr, H1, Q4, False)
+            qqa = tl.dot(qa.to(dt).to(tl.float32), g1, input_precision=XPREC).to(dt)
+            qqb = tl.dot(qb.to(dt).to(tl.float32), g1, input_precision=XPREC).to(dt)
+            dda = tl.dot(doa.to(dt).to(tl.float32), g1, input_precision=XPREC).to(dt)
+            ddb = tl.dot(dob.to(dt).to(tl.float32), g1, input_precision=XPREC).to(dt)
+            cdqa = tl.zeros([BM, H1], tl.float32)
+            cdqb = tl.zeros([BM, H1], tl.float32)
         cdq0 = tl.zeros([BM, D0], tl.float32)
         for n in range(0, nkb):
             pix_n = n * BN + tl.arange(0, BN)
             key_ok = pix_n < NV
-            tok_n = cj * NV + pix_n
-            cos_n, ssin_n = _tables(COS, SSIN, pix_n, key_ok, D1)
-            k0 = tl.load(k_base + tok_n[:, None].to(tl.int64) * s_kn + c0[None, :],
-                         mask=key_ok[:, None], other=0.0)
-            k1 = _load_rot(k_base, tok_n, key_ok, s_kn, cos_n, ssin_n, PART, D0, D1, HALF).to(dt)
-            v0 = tl.load(v_base + tok_n[:, None].to(tl.int64) * s_vn + c0[None, :],
-                         mask=key_ok[:, None], other=0.0)
-            v1 = _load_rot(v_base, tok_n, key_ok, s_vn, cos_n, ssin_n, PART, D0, D1, HALF).to(dt)
+            tok_n = (cj * NV + pix_n).to(tl.int64)
+            k_rows = k_base + tok_n[:, None] * s_kn
+            v_rows = v_base + tok_n[:, None] * s_vn
+            cn, sn = _tables(COS, SIN, pix_n, key_ok, H1)
+            k0 = _load_tile(k_rows, c0, key_ok)
+            ka, kb = _rot(_load_tile(k_rows, ca, key_ok), _load_tile(k_rows, cb, key_ok), cn, sn)
+            ka = ka.to(dt)
+            kb = kb.to(dt)
+            v0 = _load_tile(v_rows, c0, key_ok)
+            va, vb = _rot(_load_tile(v_rows, ca, key_ok), _load_tile(v_rows, cb, key_ok), cn, sn)
             s = tl.dot(qq0, tl.trans(k0), input_precision=MPREC)
-            s = tl.dot(qq1, tl.trans(k1), s, input_precision=MPREC)
+            s = tl.dot(qqa, tl.trans(ka), s, input_precision=MPREC)
+            s = tl.dot(qqb, tl.trans(kb), s, input_precision=MPREC)
             p = tl.exp2(s * qk_scale - lse[:, None])
             p = tl.where(key_ok[None, :], p, 0.0)
             dp = tl.dot(dd0, tl.trans(v0), input_precision=MPREC)
-            dp = tl.dot(dd1, tl.trans(v1), dp, input_precision=MPREC)
+            dp = tl.dot(dda, tl.trans(va.to(dt)), dp, input_precision=MPREC)
+            dp = tl.dot(ddb, tl.trans(vb.to(dt)), dp, input_precision=MPREC)
             ds = (p * (dp - delta[:, None])).to(dt)
             cdq0 = tl.dot(ds, k0, cdq0, input_precision=MPREC)
             if T1_PROJ:
-                cdq1 = tl.dot(ds, k1, cdq1, input_precision=MPREC)
+                cdqa = tl.dot(ds, ka, cdqa, input_precision=MPREC)
+                cdqb = tl.dot(ds, kb, cdqb, input_precision=MPREC)
             else:
-                dq1 = tl.dot(ds, k1, dq1, input_precision=MPREC)
+                dqa = tl.dot(ds, ka, dqa, input_precision=MPREC)
+                dqb = tl.dot(ds, kb, dqb, input_precision=MPREC)
         # dq = P_ci dq', dq' = P_cj^-1 (ds k): blockdiag(A^T) in row form.
-        dq0 += tl.dot(cdq0, _blockdiag(a_ptr, 0, D0, HALF, True), input_precision=XPREC)
+        dq0 += tl.dot(cdq0, _blockdiag(a_ptr, D0, 0, True), input_precision=XPREC)
         if T1_PROJ:
-            dq1 += tl.dot(cdq1, _blockdiag(a_ptr, D0, D1, HALF, True), input_precision=XPREC)
+            h1 = _blockdiag(a_ptr, H1, Q4, True)
+            dqa += tl.dot(cdqa, h1, input_precision=XPREC)
+            dqb += tl.dot(cdqb, h1, input_precision=XPREC)
 
-    dq0 = dq0 * sm_scale
-    dq1 = _unrotate(dq1 * sm_scale, cos_m, ssin_m, PART, D0, D1, XPREC)
-    dq_rows = DQ + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + tok64 * s_qn
-    tl.store(dq_rows + c0[None, :], dq0.to(dt), mask=row_ok[:, None])
-    tl.store(dq_rows + (D0 + c1)[None, :], dq1.to(dt), mask=row_ok[:, None])
+    cm, sm = _tables(COS, SIN, pix_m, row_ok, H1)
+    dqa, dqb = _unrot(dqa * sm_scale, dqb * sm_scale, cm, sm)
+    dq_rows = DQ + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + tok_m[:, None] * s_qn
+    tl.store(dq_rows + c0[None, :], (dq0 * sm_scale).to(dt), mask=row_ok[:, None])
+    tl.store(dq_rows + ca[None, :], dqa.to(dt), mask=row_ok[:, None])
+    tl.store(dq_rows + cb[None, :], dqb.to(dt), mask=row_ok[:, None])
 
 
 @triton.jit
-def _prope_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, A, COS, SSIN, PART,
+def _prope_bwd_dkdv(Q, K, V, DO, DK, DV, LSE, DELTA, A, COS, SIN,
                     s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_vb, s_vh, s_vn, s_db, s_dh, s_dn,
                     NH, NVIEW, NV, qk_scale, sm_scale,
-                    D0: tl.constexpr, D1: tl.constexpr, HALF: tl.constexpr,
+                    D0: tl.constexpr, H1: tl.constexpr, HALF: tl.constexpr,
                     T1_PROJ: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     XPREC: tl.constexpr, MPREC: tl.constexpr):
     """dk, dv for one key block (BN keys of one camera); loops over all query blocks.
     DK has K's strides, DV has V's."""
+    Q4: tl.constexpr = HALF // 2
     pid = tl.program_id(0)
     bh = tl.program_id(1)
     b = bh // NH
     h = bh % NH
     dt = Q.dtype.element_ty
-    nqb = tl.cdiv(NV, BM)
-    nkb = tl.cdiv(NV, BN)
+    nqb = (NV + BM - 1) // BM
+    nkb = (NV + BN - 1) // BN
     cj = pid // nkb
     pix_n = (pid % nkb) * BN + tl.arange(0, BN)
     key_ok = pix_n < NV
-    tok_n = cj * NV + pix_n
-    tokn64 = tok_n[:, None].to(tl.int64)
+    tok_n = (cj * NV + pix_n).to(tl.int64)
     c0 = tl.arange(0, D0)
-    c1 = tl.arange(0, D1)
+    ca, cb = _ab_cols(HALF, D0, H1, T1_PROJ)
+    k_rows = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + tok_n[:, None] * s_kn
+    v_rows = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + tok_n[:, None] * s_vn
     q_base = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh
-    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    v_base = V + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh
     do_base = DO + b.to(tl.int64) * s_db + h.to(tl.int64) * s_dh
 
-    cos_n, ssin_n = _tables(COS, SSIN, pix_n, key_ok, D1)
-    k0 = tl.load(k_base + tokn64 * s_kn + c0[None, :], mask=key_ok[:, None], other=0.0).to(tl.float32)
-    k1 = _load_rot(k_base, tok_n, key_ok, s_kn, cos_n, ssin_n, PART, D0, D1, HALF)
-    v0 = tl.load(v_base + tokn64 * s_vn + c0[None, :], mask=key_ok[:, None], other=0.0).to(tl.float32)
-    v1 = _load_rot(v_base, tok_n, key_ok, s_vn, cos_n, ssin_n, PART, D0, D1, HALF)
+    k0 = _load_tile(k_rows, c0, key_ok)
+    v0 = _load_tile(v_rows, c0, key_ok)
+    cn, sn = _tables(COS, SIN, pix_n, key_ok, H1)
+    ka, kb = _rot(_load_tile(k_rows, ca, key_ok), _load_tile(k_rows, cb, key_ok), cn, sn)
+    va, vb = _rot(_load_tile(v_rows, ca, key_ok), _load_tile(v_rows, cb, key_ok), cn, sn)
+    ka = ka.to(dt)
+    kb = kb.to(dt)
+    va = va.to(dt)
+    vb = vb.to(dt)
+    kka = ka
+    kkb = kb
+    vva = va
+    vvb = vb
 
     dk0 = tl.zeros([BN, D0], tl.float32)
-    dk1 = tl.zeros([BN, D1], tl.float32)
+    dka = tl.zeros([BN, H1], tl.float32)
+    dkb = tl.zeros([BN, H1], tl.float32)
     dv0 = tl.zeros([BN, D0], tl.float32)
-    dv1 = tl.zeros([BN, D1], tl.float32)
-    cdk1 = tl.zeros([BN, D1], tl.float32)
-    cdv1 = tl.zeros([BN, D1], tl.float32)
+    dva = tl.zeros([BN, H1], tl.float32)
+    dvb = tl.zeros([BN, H1], tl.float32)
+    cdka = tl.zeros([BN, H1], tl.float32)
+    cdkb = tl.zeros([BN, H1], tl.float32)
+    cdva = tl.zeros([BN, H1], tl.float32)
+    cdvb = tl.zeros([BN, H1], tl.float32)
     stat_base = bh.to(tl.int64) * (NVIEW * NV)
     for ci in range(0, NVIEW):
         a_ptr = A + ((b * NVIEW + ci) * NVIEW + cj).to(tl.int64) * 16
-        gt0 = _blockdiag(a_ptr, 0, D0, HALF, True)
-        kk0 = tl.dot(k0, gt0, input_precision=XPREC).to(dt)
-        vv0 = tl.dot(v0, gt0, input_precision=XPREC).to(dt)
+        # k'' = A k, v'' = A v on the projective channels (A = P_ci P_cj^-1): queries stay raw.
+        gt0 = _blockdiag(a_ptr, D0, 0, True)
+        kk0 = tl.dot(k0.to(tl.float32), gt0, input_precision=XPREC).to(dt)
+        vv0 = tl.dot(v0.to(tl.float32), gt0, input_precision=XPREC).to(dt)
         if T1_PROJ:
-            gt1 = _blockdiag(a_ptr, D0, D1, HALF, True)
-            kk1 = tl.dot(k1, gt1, input_precision=XPREC).to(dt)
-            vv1 = tl.dot(v1, gt1, input_precision=XPREC).to(dt)
-            cdk1 = tl.zeros([BN, D1], tl.float32)
-            cdv1 = tl.zeros([BN, D1], tl.float32)
-        else:
-            kk1 = k1.to(dt)
-            vv1 = v1.to(dt)
+            gt1 = _blockdiag(a_ptr, H1, Q4, True)
+            kka = tl.dot(ka.to(tl.float32), gt1, input_precision=XPREC).to(dt)
+            kkb = tl.dot(kb.to(tl.float32), gt1, input_precision=XPREC).to(dt)
+            vva = tl.dot(va.to(tl.float32), gt1, input_precision=XPREC).to(dt)
+            vvb = tl.dot(vb.to(tl.float32), gt1, input_precision=XPREC).to(dt)
+            cdka = tl.zeros([BN, H1], tl.float32)
+            cdkb = tl.zeros([BN, H1], tl.float32)
+            cdva = tl.zeros([BN, H1], tl.float32)
+            cdvb = tl.zeros([BN, H1], tl.float32)
         cdk0 = tl.zeros([BN, D0], tl.float32)
         cdv0 = tl.zeros([BN, D0], tl.float32)
         for mb in range(0, nqb):
             pix_m = mb * BM + tl.arange(0, BM)
             row_ok = pix_m < NV
-            tok_m = ci * NV + pix_m
-            tokm64 = tok_m[:, None].to(tl.int64)
-            cos_m, ssin_m = _tables(COS, SSIN, pix_m, row_ok, D1)
-            q0 = tl.load(q_base + tokm64 * s_qn + c0[None, :], mask=row_ok[:, None], other=0.0)
-            q1 = _load_rot(q_base, tok_m, row_ok, s_qn, cos_m, ssin_m, PART, D0, D1, HALF).to(dt)
-            do0 = tl.load(do_base + tokm64 * s_dn + c0[None, :], mask=row_ok[:, None], other=0.0)
-            do1 = _load_rot(do_base, tok_m, row_ok, s_dn, cos_m, ssin_m, PART, D0, D1, HALF).to(dt)
+            tok_m = (ci * NV + pix_m).to(tl.int64)
+            q_rows = q_base + tok_m[:, None] * s_qn
+            do_rows = do_base + tok_m[:, None] * s_dn
+            cm, sm = _tables(COS, SIN, pix_m, row_ok, H1)
+            q0 = _load_tile(q_rows, c0, row_ok)
+            qa, qb = _rot(_load_tile(q_rows, ca, row_ok), _load_tile(q_rows, cb, row_ok), cm, sm)
+            qa = qa.to(dt)
+            qb = qb.to(dt)
+            do0 = _load_tile(do_rows, c0, row_ok)
+            doa, dob = _rot(_load_tile(do_rows, ca, row_ok), _load_tile(do_rows, cb, row_ok),
+                            cm, sm)
+            doa = doa.to(dt)
+            dob = dob.to(dt)
             lse = tl.load(LSE + stat_base + tok_m, mask=row_ok, other=float("inf"))
             delta = tl.load(DELTA + stat_base + tok_m, mask=row_ok, other=0.0)
             st = tl.dot(kk0, tl.trans(q0), input_precision=MPREC)
-            st = tl.dot(kk1, tl.trans(q1), st, input_precision=MPREC)
+            st = tl.dot(kka, tl.trans(qa), st, input_precision=MPREC)
+            st = tl.dot(kkb, tl.trans(qb), st, input_precision=MPREC)
             pt = tl.exp2(st * qk_scale - lse[None, :])
             ptd = pt.to(dt)
             cdv0 = tl.dot(ptd, do0, cdv0, input_precision=MPREC)
             if T1_PROJ:
-                cdv1 = tl.dot(ptd, do1, cdv1, input_precision=MPREC)
+                cdva = tl.dot(ptd, doa, cdva, input_precision=MPREC)
+                cdvb = tl.dot(ptd, dob, cdvb, input_precision=MPREC)
             else:
-                dv1 = tl.dot(ptd, do1, dv1, input_precision=MPREC)
+                dva = tl.dot(ptd, doa, dva, input_precision=MPREC)
+                dvb = tl.dot(ptd, dob, dvb, input_precision=MPREC)
             dpt = tl.dot(vv0, tl.trans(do0), input_precision=MPREC)
-            dpt = tl.dot(vv1, tl.trans(do1), dpt, input_precision=MPREC)
+            dpt = tl.dot(vva, tl.trans(doa), dpt, input_precision=MPREC)
+            dpt = tl.dot(vvb, tl.trans(dob), dpt, input_precision=MPREC)
             dst = (pt * (dpt - delta[None, :])).to(dt)
             cdk0 = tl.dot(dst, q0, cdk0, input_precision=MPREC)
             if T1_PROJ:
-                cdk1 = tl.dot(dst, q1, cdk1, input_precision=MPREC)
+                cdka = tl.dot(dst, qa, cdka, input_precision=MPREC)
+                cdkb = tl.dot(dst, qb, cdkb, input_precision=MPREC)
             else:
-                dk1 = tl.dot(dst, q1, dk1, input_precision=MPREC)
+                dka = tl.dot(dst, qa, dka, input_precision=MPREC)
+                dkb = tl.dot(dst, qb, dkb, input_precision=MPREC)
         # dk = P_cj^-T dk', dk' = P_ci^T (ds^T q): blockdiag(A) in row form; dv likewise.
-        g0 = _blockdiag(a_ptr, 0, D0, HALF, False)
+        g0 = _blockdiag(a_ptr, D0, 0, False)
         dk0 += tl.dot(cdk0, g0, input_precision=XPREC)
         dv0 += tl.dot(cdv0, g0, input_precision=XPREC)
         if T1_PROJ:
-            g1 = _blockdiag(a_ptr, D0, D1, HALF, False)
-            dk1 += tl.dot(cdk1, g1, input_precision=XPREC)
-            dv1 += tl.dot(cdv1, g1, input_precision=XPREC)
+            g1 = _blockdiag(a_ptr, H1, Q4, False)
+            dka += tl.dot(cdka, g1, input_precision=XPREC)
+            dkb += tl.dot(cdkb, g1, input_precision=XPREC)
+            dva += tl.dot(cdva, g1, input_precision=XPREC)
+            dvb += tl.dot(cdvb, g1, input_precision=XPREC)
 
-    dk0 = dk0 * sm_scale
-    dk1 = _unrotate(dk1 * sm_scale, cos_n, ssin_n, PART, D0, D1, XPREC)
-    dv1 = _unrotate(dv1, cos_n, ssin_n, PART, D0, D1, XPREC)
-    dk_rows = DK + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + tokn64 * s_kn
-    dv_rows = DV + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + tokn64 * s_vn
-    tl.store(dk_rows + c0[None, :], dk0.to(dt), mask=key_ok[:, None])
-    tl.store(dk_rows + (D0 + c1)[None, :], dk1.to(dt), mask=key_ok[:, None])
+    cn, sn = _tables(COS, SIN, pix_n, key_ok, H1)
+    dka, dkb = _unrot(dka * sm_scale, dkb * sm_scale, cn, sn)
+    dva, dvb = _unrot(dva, dvb, cn, sn)
+    dk_rows = DK + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh + tok_n[:, None] * s_kn
+    dv_rows = DV + b.to(tl.int64) * s_vb + h.to(tl.int64) * s_vh + tok_n[:, None] * s_vn
+    tl.store(dk_rows + c0[None, :], (dk0 * sm_scale).to(dt), mask=key_ok[:, None])
+    tl.store(dk_rows + ca[None, :], dka.to(dt), mask=key_ok[:, None])
+    tl.store(dk_rows + cb[None, :], dkb.to(dt), mask=key_ok[:, None])
     tl.store(dv_rows + c0[None, :], dv0.to(dt), mask=key_ok[:, None])
-    tl.store(dv_rows + (D0 + c1)[None, :], dv1.to(dt), mask=key_ok[:, None])
+    tl.store(dv_rows + ca[None, :], dva.to(dt), mask=key_ok[:, None])
+    tl.store(dv_rows + cb[None, :], dvb.to(dt), mask=key_ok[:, None])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,16 +478,16 @@ class FusedConfig:
 
 # Chosen from the H100 sweep in launch/profile_kernels.py (results in launch/results/).
 _DEFAULTS = {
-    "fwd": {48: FusedConfig(64, 64, 4, 2), 64: FusedConfig(64, 64, 4, 2),
-            128: FusedConfig(64, 64, 4, 2)},
-    "dq": {48: FusedConfig(64, 64, 4, 2), 64: FusedConfig(64, 64, 4, 2),
-           128: FusedConfig(64, 64, 4, 2)},
-    "dkdv": {48: FusedConfig(64, 64, 4, 2), 64: FusedConfig(64, 64, 4, 2),
-             128: FusedConfig(64, 64, 4, 2)},
+    "fwd": {48: FusedConfig(128, 64, 8, 3), 64: FusedConfig(128, 64, 8, 3),
+            128: FusedConfig(128, 64, 8, 3)},
+    "dq": {48: FusedConfig(128, 64, 8, 3), 64: FusedConfig(128, 64, 8, 3),
+           128: FusedConfig(128, 64, 8, 3)},
+    "dkdv": {48: FusedConfig(64, 128, 8, 3), 64: FusedConfig(64, 128, 8, 3),
+             128: FusedConfig(64, 128, 8, 3)},
 }
 _overrides: dict = {}
-# Precision of the small transform dots (fp32 operands): tf32x3 is fp32-accurate on tensor cores.
-TRANSFORM_PRECISION = os.environ.get("GLD_PROPE_XPREC", "tf32x3")
+# Precision of the small camera-fold dots for 16-bit inputs ("tf32x3" for fp32-exact).
+TRANSFORM_PRECISION = os.environ.get("GLD_PROPE_XPREC", "tf32")
 
 
 def set_config(kind: str, d: int, cfg: Optional[FusedConfig]) -> None:
@@ -468,9 +537,8 @@ def interpreted() -> bool:
 @dataclass
 class _Geometry:
     A: Tensor        # (B, V, V, 4, 4) fp32, A[b, i, j] = P_i P_j^-1
-    cos: Tensor      # (ph*pw, d1) fp32 cos of each T1 channel's angle (1 on projective channels)
-    ssin: Tensor     # (ph*pw, d1) fp32 signed sin: x' = x cos + partner(x) ssin (0 on projective)
-    part: Tensor     # (d1,) int32 absolute channel index of each T1 channel's RoPE partner
+    cos: Tensor      # (ph*pw, d1/2) fp32 cos of each TA/TB column pair's angle (1: projective)
+    sin: Tensor      # (ph*pw, d1/2) fp32 sin of it (0 on projective columns)
     views: int
     per_view: int
     d0: int
@@ -478,23 +546,20 @@ class _Geometry:
 
 
 def _geometry(w2c: Tensor, K: Tensor, patches, image_size, d: int, device) -> _Geometry:
+    """Camera matrices and RoPE tables in fp32. The TA/TB column layout is `_ab_cols`': x then y
+    a-halves (b-halves in TB), then the projective channels [d0, d/2) split between TA and TB."""
     with torch.no_grad():
         d0, d1 = head_tiles(d)
         P, P_inv = prope_matrices(w2c.detach(), K.detach(), image_size, torch.float32)
         A = (P[:, :, None] @ P_inv[:, None, :]).contiguous()
         cx, sx, cy, sy = rope_tables(patches, d, torch.float32, device)
-        nv, nf = cx.shape
-        cos = torch.ones(nv, d, dtype=torch.float32, device=device)
-        ssin = torch.zeros(nv, d, dtype=torch.float32, device=device)
-        part = torch.arange(d, dtype=torch.int32, device=device)
-        for start, c, s in ((d // 2, cx, sx), (3 * d // 4, cy, sy)):
-            a, bb = slice(start, start + nf), slice(start + nf, start + 2 * nf)
-            cos[:, a], cos[:, bb] = c, c
-            ssin[:, a], ssin[:, bb] = s, -s        # [a cos + b sin, -a sin + b cos]
-            part[a] = torch.arange(start + nf, start + 2 * nf, dtype=torch.int32, device=device)
-            part[bb] = torch.arange(start, start + nf, dtype=torch.int32, device=device)
-    return _Geometry(A.to(device), cos[:, d0:].contiguous(), ssin[:, d0:].contiguous(),
-                     part[d0:].contiguous(), w2c.shape[1], nv, d0, d1)
+        nv = cx.shape[0]
+        tail = d1 // 2 - d // 4
+        ones, zeros = (torch.full((nv, tail), x, dtype=torch.float32, device=device)
+                       for x in (1.0, 0.0))
+        cos = torch.cat([cx, cy, ones], 1).contiguous()
+        sin = torch.cat([sx, sy, zeros], 1).contiguous()
+    return _Geometry(A.to(device), cos, sin, w2c.shape[1], nv, d0, d1)
 
 
 def _last_dim_contiguous(x: Tensor) -> Tensor:
@@ -511,57 +576,95 @@ def _dense(x: Tensor) -> Tensor:
 
 
 def _precisions(dtype: torch.dtype, interpret: bool) -> tuple[str, str]:
-    if interpret:
+    """(camera-fold dots, attention dots). fp32 inputs: full fp32 everywhere. bf16: the fold dots
+    see bf16-exact operands or fp32 accumulators and feed bf16 roundings (2^-9), so tf32 (2^-11)
+    is inside them. fp16 rounds at 2^-11 itself: tf32 folds doubled its error on the H100
+    (d=48, 2.08x the reference), so fp16 uses tf32x3 (fp32-accurate)."""
+    if interpret or dtype == torch.float32:
         return "ieee", "ieee"
-    return TRANSFORM_PRECISION, ("ieee" if dtype == torch.float32 else "tf32")
+    return ("tf32x3" if dtype == torch.float16 else TRANSFORM_PRECISION), "tf32"
 
 
-def _common(q: Tensor, g: _Geometry, kind: str):
+_FALLBACKS = (FusedConfig(64, 64, 4, 2), FusedConfig(32, 32, 4, 1))
+_fell_back: dict = {}
+
+
+def _with_fallback(kind: str, q: Tensor, launch) -> None:
+    """launch(cfg) with the configured blocks; if the compiler runs out of shared memory or
+    registers for this dtype (e.g. fp16 with tf32x3 folds at d=128), smaller configs."""
+    d = q.shape[-1]
+    key = (kind, d, q.dtype)
+    cfg = _fell_back.get(key) or _config(kind, d, not q.is_cuda)
+    try:
+        launch(cfg)
+        return
+    except triton.runtime.errors.OutOfResources:
+        if not q.is_cuda:
+            raise
+    for fb in (FusedConfig(cfg.block_m, cfg.block_n, cfg.num_warps, 2),) + _FALLBACKS:
+        try:
+            launch(fb)
+        except triton.runtime.errors.OutOfResources:
+            continue
+        _fell_back[key] = fb
+        return
+    raise RuntimeError(f"prope_attention: no launch config of the {kind} kernel fits d={d}, "
+                       f"{q.dtype}")
+
+
+def _common(q: Tensor, g: _Geometry, cfg: FusedConfig):
     B, H, N, d = q.shape
     interpret = not q.is_cuda
-    cfg = _config(kind, d, interpret)
     xprec, mprec = _precisions(q.dtype, interpret)
-    meta = dict(D0=g.d0, D1=g.d1, HALF=d // 2, T1_PROJ=g.d0 < d // 2, XPREC=xprec, MPREC=mprec,
+    meta = dict(D0=g.d0, H1=g.d1 // 2, HALF=d // 2, T1_PROJ=g.d0 < d // 2, XPREC=xprec, MPREC=mprec,
                 BM=cfg.block_m, BN=cfg.block_n)
     launch = {} if interpret else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    return cfg, meta, launch
+    return meta, launch
 
 
 def _forward(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, Tensor]:
     B, H, N, d = q.shape
-    cfg, meta, launch = _common(q, g, "fwd")
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    grid = (g.views * triton.cdiv(g.per_view, cfg.block_m), B * H)
-    _prope_fwd[grid](
-        q, k, v, o, lse, g.A, g.cos, g.ssin, g.part,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        H, g.views, g.per_view, (1.0 / math.sqrt(d)) * 1.4426950408889634, **meta, **launch)
+
+    def launch_with(cfg):
+        meta, launch = _common(q, g, cfg)
+        _prope_fwd[(g.views * triton.cdiv(g.per_view, cfg.block_m), B * H)](
+            q, k, v, o, lse, g.A, g.cos, g.sin,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            H, g.views, g.per_view, (1.0 / math.sqrt(d)) * 1.4426950408889634, **meta, **launch)
+    _with_fallback("fwd", q, launch_with)
     return o, lse
 
 
 def _launch_dq(q, k, v, o, lse, do, dq, delta, g: _Geometry) -> None:
     B, H, N, d = q.shape
     sm_scale = 1.0 / math.sqrt(d)
-    cfg, meta, launch = _common(q, g, "dq")
-    _prope_bwd_dq[(g.views * triton.cdiv(g.per_view, cfg.block_m), B * H)](
-        q, k, v, o, do, dq, lse, delta, g.A, g.cos, g.ssin, g.part,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
-        do.stride(0), do.stride(1), do.stride(2),
-        H, g.views, g.per_view, sm_scale * 1.4426950408889634, sm_scale, **meta, **launch)
+
+    def launch_with(cfg):
+        meta, launch = _common(q, g, cfg)
+        _prope_bwd_dq[(g.views * triton.cdiv(g.per_view, cfg.block_m), B * H)](
+            q, k, v, o, do, dq, lse, delta, g.A, g.cos, g.sin,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), o.stride(0), o.stride(1), o.stride(2),
+            do.stride(0), do.stride(1), do.stride(2),
+            H, g.views, g.per_view, sm_scale * 1.4426950408889634, sm_scale, **meta, **launch)
+    _with_fallback("dq", q, launch_with)
 
 
 def _launch_dkdv(q, k, v, lse, do, delta, dk, dv, g: _Geometry) -> None:
     B, H, N, d = q.shape
     sm_scale = 1.0 / math.sqrt(d)
-    cfg, meta, launch = _common(q, g, "dkdv")
-    _prope_bwd_dkdv[(g.views * triton.cdiv(g.per_view, cfg.block_n), B * H)](
-        q, k, v, do, dk, dv, lse, delta, g.A, g.cos, g.ssin, g.part,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
-        H, g.views, g.per_view, sm_scale * 1.4426950408889634, sm_scale, **meta, **launch)
+
+    def launch_with(cfg):
+        meta, launch = _common(q, g, cfg)
+        _prope_bwd_dkdv[(g.views * triton.cdiv(g.per_view, cfg.block_n), B * H)](
+            q, k, v, do, dk, dv, lse, delta, g.A, g.cos, g.sin,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            v.stride(0), v.stride(1), v.stride(2), do.stride(0), do.stride(1), do.stride(2),
+            H, g.views, g.per_view, sm_scale * 1.4426950408889634, sm_scale, **meta, **launch)
+    _with_fallback("dkdv", q, launch_with)
 
 
 def _backward(q, k, v, o, lse, do, g: _Geometry):

@@ -49,11 +49,11 @@ def run_both(q, k, v, w2c, K, patches, image, fused_dtype=torch.float32, device=
     """(fused outputs and grads in fused_dtype, float64 reference outputs and grads)."""
     g = torch.Generator().manual_seed(seed)
     do = torch.randn(q.shape, generator=g, dtype=torch.float64)
-    ins = [t.to(device, fused_dtype).requires_grad_(True) for t in (q, k, v)]
+    ins = [t.detach().to(device, fused_dtype).clone().requires_grad_(True) for t in (q, k, v)]
     o = prope_attention(*ins, w2c.to(device, torch.float32), K.to(device, torch.float32),
                         patches, image)
     o.backward(do.to(device, fused_dtype))
-    refs = [t.double().requires_grad_(True) for t in (q, k, v)]
+    refs = [t.detach().double().clone().requires_grad_(True) for t in (q, k, v)]
     r = prope_attention_ref(*refs, w2c.double(), K.double(), patches, image)
     r.backward(do)
     return [o] + [t.grad for t in ins], [r] + [t.grad for t in refs]
@@ -87,7 +87,7 @@ def test_interp_strided_inputs_and_batch():
     assert o.shape == (B, h, N, d)
     do = torch.randn(o.shape, dtype=torch.float64)
     o.backward(do.float())
-    refs = [t.double().requires_grad_(True) for t in (q, k, v)]
+    refs = [t.detach().double().clone().requires_grad_(True) for t in (q, k, v)]
     r = prope_attention_ref(*refs, w2c, K, patches, image)
     r.backward(do)
     assert rel(o, r) <= 1e-4
@@ -150,7 +150,7 @@ def test_gpu_low_precision_error_at_most_twice_reference(dtype, d, V, patches):
     # The unfused PyTorch reference in the same dtype, same inputs.
     g = torch.Generator().manual_seed(1)
     do = torch.randn(q.shape, generator=g, dtype=torch.float64)
-    ins = [t.to("cuda", dtype).requires_grad_(True) for t in (q, k, v)]
+    ins = [t.detach().to("cuda", dtype).clone().requires_grad_(True) for t in (q, k, v)]
     r = prope_attention_ref(*ins, w2c.cuda().float(), K.cuda().float(), patches, image)
     r.backward(do.to("cuda", dtype))
     base = [r] + [t.grad for t in ins]

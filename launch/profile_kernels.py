@@ -1,0 +1,270 @@
+"""Attention kernel benchmark (GPU): TFLOP/s and peak memory, forward, backward and both.
+
+Backends: the fused PRoPE kernel (kernels/prope_triton.py), its PyTorch reference (transforms
+around SDPA), plain SDPA flash (FA2), plain SDPA cuDNN, flash-attn when installed (FA2 API or
+FA4's flash_attn.cute). Shapes: GLD backbone (B 2, 16 heads, d 48, 8 views of 36x36), d 64,
+GLD head (d 128), and short sequences (B 4, 8 views of 18x18).
+
+FLOPs: forward 4 B h N^2 d, backward 2.5x that (the usual convention; PRoPE's transforms are not
+counted). Times: triton.testing.do_bench medians on random bf16 data. Peak memory: the most
+allocated above the inputs during one forward (and forward + backward, grads included).
+
+    python launch/profile_kernels.py --out DIR [--check] [--sweep] [--shapes backbone,d64]
+Writes DIR/profile_kernels.json and DIR/profile_kernels.md; prints the table last.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import triton
+from torch.nn.attention import SDPBackend, sdpa_kernel
+import torch.nn.functional as F
+
+from kernels import prope_triton as pt
+from kernels.attention import _flash_attn, flash_attn_available
+from kernels.prope_ref import prope_attention_ref
+
+SHAPES = {  # name: (B, heads, d, views, (ph, pw))
+    "backbone_d48": (2, 16, 48, 8, (36, 36)),
+    "d64": (2, 16, 64, 8, (36, 36)),
+    "head_d128": (2, 16, 128, 8, (36, 36)),
+    "short_d48": (4, 16, 48, 8, (18, 18)),
+    "short_d64": (4, 16, 64, 8, (18, 18)),
+}
+PATCH = 14
+SWEEP = {  # (block_m, block_n, num_warps, num_stages)
+    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2),
+            (64, 32, 4, 2)],
+    "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
+    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3)],
+}
+
+
+def cameras(B, V, image, device, gen):
+    """Random look-at-ish cameras: random rotations, translations, plausible intrinsics."""
+    A = torch.randn(B * V, 3, 3, generator=gen, dtype=torch.float64)
+    Q, R = torch.linalg.qr(A)
+    Q = Q * torch.sign(torch.diagonal(R, dim1=-2, dim2=-1))[:, None, :]
+    Q[torch.linalg.det(Q) < 0, :, 0] *= -1
+    w2c = torch.eye(4, dtype=torch.float64).repeat(B * V, 1, 1)
+    w2c[:, :3, :3] = Q
+    w2c[:, :3, 3] = torch.randn(B * V, 3, generator=gen, dtype=torch.float64)
+    H, W = image
+    K = torch.zeros(B * V, 3, 3, dtype=torch.float64)
+    f = (0.8 + 0.4 * torch.rand(B * V, generator=gen, dtype=torch.float64)) * max(H, W)
+    K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2], K[:, 2, 2] = f, f, W / 2, H / 2, 1
+    return (w2c.reshape(B, V, 4, 4).float().to(device), K.reshape(B, V, 3, 3).float().to(device))
+
+
+def make(shape, dtype, device="cuda", seed=0, B=None, h=None):
+    B0, h0, d, V, patches = shape
+    B, h = B or B0, h or h0
+    N = V * patches[0] * patches[1]
+    gen = torch.Generator().manual_seed(seed)
+    image = (PATCH * patches[0], PATCH * patches[1])
+    q, k, v = (torch.randn(B, h, N, d, generator=gen).to(device, dtype) for _ in range(3))
+    w2c, K = cameras(B, V, image, device, gen)
+    return q, k, v, w2c, K, patches, image
+
+
+def backends():
+    def sdpa(kind):
+        def f(q, k, v, *cam):
+            with sdpa_kernel([kind]):
+                return F.scaled_dot_product_attention(q, k, v)
+        return f
+    out = {
+        "fused_prope": lambda q, k, v, *cam: pt.prope_attention(q, k, v, *cam),
+        "reference_prope": lambda q, k, v, *cam: prope_attention_ref(q, k, v, *cam),
+        "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
+        "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
+    }
+    if flash_attn_available():
+        out["flash_attn"] = lambda q, k, v, *cam: _flash_attn(q, k, v)
+    return out
+
+
+def flops(shape, B=None):
+    B0, h, d, V, (ph, pw) = shape
+    N = V * ph * pw
+    return 4.0 * (B or B0) * h * N * N * d
+
+
+def bench(fn, q, k, v, cam, fl):
+    from triton.testing import do_bench
+    qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
+    do = torch.randn_like(q)
+    fwd = do_bench(lambda: fn(qg, kg, vg, *cam), warmup=50, rep=300, return_mode="median")
+
+    def step():
+        fn(qg, kg, vg, *cam).backward(do)
+    both = do_bench(step, warmup=50, rep=400, grad_to_none=[qg, kg, vg], return_mode="median")
+    # Peak memory above the inputs (and do).
+    for t in (qg, kg, vg):
+        t.grad = None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    o = fn(qg, kg, vg, *cam)
+    torch.cuda.synchronize()
+    peak_fwd = torch.cuda.max_memory_allocated() - base
+    o.backward(do)
+    torch.cuda.synchronize()
+    peak_both = torch.cuda.max_memory_allocated() - base
+    del o
+    bwd = both - fwd
+    return dict(fwd_ms=fwd, bwd_ms=bwd, both_ms=both, fwd_tflops=fl / fwd * 1e-9,
+                bwd_tflops=2.5 * fl / bwd * 1e-9, both_tflops=3.5 * fl / both * 1e-9,
+                peak_fwd_mib=peak_fwd / 2**20, peak_both_mib=peak_both / 2**20)
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def check(shape, dtype):
+    """bf16 fused and bf16 reference against a float64 reference (B 1, 2 heads, full N)."""
+    q, k, v, w2c, K, patches, image = make(shape, torch.float64, seed=1, B=1, h=2)
+    do = torch.randn_like(q)
+    res = {}
+    for name, fn, dt in (("fp64", prope_attention_ref, torch.float64),
+                         ("fused", pt.prope_attention, dtype),
+                         ("reference", prope_attention_ref, dtype)):
+        ins = [t.detach().to(dtype=dt).clone().requires_grad_(True) for t in (q, k, v)]
+        o = fn(*ins, w2c, K, patches, image)
+        o.backward(do.to(dt))
+        res[name] = [o.detach()] + [t.grad for t in ins]
+    out = {}
+    for name in ("fused", "reference"):
+        out[name] = {n: rel(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), res[name],
+                                                       res["fp64"])}
+    out["ratio"] = {n: out["fused"][n] / out["reference"][n] for n in out["fused"]}
+    return out
+
+
+def sweep(shape, dtype, log):
+    """Time each kernel alone for each config; keep the fastest per (kernel, d)."""
+    from triton.testing import do_bench
+    q, k, v, w2c, K, patches, image = make(shape, dtype, seed=2)
+    d = q.shape[-1]
+    g = pt._geometry(w2c, K, patches, image, d, q.device)
+    o, lse = pt._forward(q, k, v, g)
+    do = torch.randn_like(q)
+    dq, dk, dv, delta = (torch.empty_like(t) for t in (q, k, v, lse))
+    runs = {"fwd": lambda: pt._forward(q, k, v, g),
+            "dq": lambda: pt._launch_dq(q, k, v, o, lse, do, dq, delta, g),
+            "dkdv": lambda: pt._launch_dkdv(q, k, v, lse, do, delta, dk, dv, g)}
+    best = {}
+    fl = flops(shape)
+    for kind, cfgs in SWEEP.items():
+        for c in cfgs:
+            cfg = pt.FusedConfig(*c)
+            pt.set_config(kind, d, cfg)
+            try:
+                t0 = time.time()
+                runs[kind]()
+                torch.cuda.synchronize()
+                compile_s = time.time() - t0
+                ms = do_bench(runs[kind], warmup=25, rep=100, return_mode="median")
+            except Exception as e:  # out of shared memory / registers: skip the config
+                log.append(dict(kind=kind, d=d, cfg=c, error=repr(e)[:200]))
+                print(f"sweep {kind} d={d} {c}: {repr(e)[:120]}", flush=True)
+                continue
+            share = {"fwd": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
+            log.append(dict(kind=kind, d=d, cfg=c, ms=ms, compile_s=compile_s,
+                            tflops=share * fl / ms * 1e-9))
+            print(f"sweep {kind} d={d} {c}: {ms:.3f} ms (compile {compile_s:.1f} s)", flush=True)
+            if kind not in best or ms < best[kind][1]:
+                best[kind] = (c, ms)
+        pt.set_config(kind, d, pt.FusedConfig(*best[kind][0]) if kind in best else None)
+    return {k: v[0] for k, v in best.items()}
+
+
+def env_info():
+    return dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
+                triton=triton.__version__, cuda=torch.version.cuda,
+                cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                transform_precision=pt.TRANSFORM_PRECISION)
+
+
+def table(results):
+    lines = ["| shape | backend | fwd TFLOP/s | bwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | "
+             "fwd+bwd ms | peak fwd MiB | peak fwd+bwd MiB |", "|" + "---|" * 9]
+    for shape, rows in results.items():
+        for name, r in rows.items():
+            if "error" in r:
+                lines.append(f"| {shape} | {name} | error: {r['error'][:60]} |||||||")
+                continue
+            lines.append(f"| {shape} | {name} | {r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
+                         f"{r['both_tflops']:.0f} | {r['fwd_ms']:.3f} | {r['both_ms']:.3f} | "
+                         f"{r['peak_fwd_mib']:.0f} | {r['peak_both_mib']:.0f} |")
+    return "\n".join(lines)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--shapes", default=",".join(SHAPES))
+    ap.add_argument("--backends", default="")
+    ap.add_argument("--check", action="store_true", help="bf16 error vs float64, fused and ref")
+    ap.add_argument("--sweep", action="store_true", help="pick block configs per head dim")
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    dtype = torch.bfloat16
+    report = dict(env=env_info(), shapes={k: SHAPES[k] for k in args.shapes.split(",")})
+
+    def save():
+        (out / "profile_kernels.json").write_text(json.dumps(report, indent=1, default=str))
+
+    if args.check:
+        report["check"] = {}
+        for name in args.shapes.split(","):
+            report["check"][name] = check(SHAPES[name], dtype)
+            print("check", name, json.dumps(report["check"][name]["ratio"]), flush=True)
+            save()
+    if args.sweep:
+        report["sweep_log"], report["configs"] = [], {}
+        for name in ("backbone_d48", "d64", "head_d128"):
+            best = sweep(SHAPES[name], dtype, report["sweep_log"])
+            report["configs"][SHAPES[name][2]] = best
+            print("best", name, best, flush=True)
+            save()
+    report["results"] = {}
+    bks = backends()
+    if args.backends:
+        bks = {k: v for k, v in bks.items() if k in args.backends.split(",")}
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        q, k, v, w2c, K, patches, image = make(shape, dtype)
+        cam = (w2c, K, patches, image)
+        report["results"][name] = {}
+        for bname, fn in bks.items():
+            try:
+                r = bench(fn, q, k, v, cam, flops(shape))
+            except Exception as e:
+                r = dict(error=repr(e)[:300])
+            report["results"][name][bname] = r
+            print(name, bname, {k2: round(v2, 3) for k2, v2 in r.items()
+                                if isinstance(v2, float)} if "error" not in r else r, flush=True)
+            save()
+        torch.cuda.empty_cache()
+    md = table(report["results"])
+    env = report["env"]
+    (out / "profile_kernels.md").write_text(
+        f"# Attention kernels on {env['device']}\n\n{json.dumps(env)}\n\n{md}\n")
+    print(md)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
