@@ -15,6 +15,7 @@ import argparse
 import json
 import os
 import platform
+import shutil
 import sys
 import tempfile
 import time
@@ -75,7 +76,7 @@ def main() -> None:
             urls[writer] = f"{bucket}/bench-{writer}-{args.records}"
             write_dataset(stored, urls[writer], writer, DatasetMeta(source="synthetic"),
                           shard_records=8, overwrite=True)
-        rows = []
+        rows, caches = [], []
         for writer in ("mds", "wds"):
             for nw in args.workers:
                 cfg = DataConfig(source=writer, paths=[urls[writer]], num_views=args.views,
@@ -83,6 +84,7 @@ def main() -> None:
                                  resolutions=[(args.size, args.size)],
                                  batch_size=args.batch_size, num_workers=nw, seed=0,
                                  cache_dir=tempfile.mkdtemp(prefix="gld-bench-cache-"))
+                caches.append(cfg.cache_dir)
                 cfg.validate()
                 loader = build_loader(cfg, rank=0, world_size=1)
                 rates, steady = [], []
@@ -106,6 +108,8 @@ def main() -> None:
     finally:
         if server is not None:
             server.stop()
+        for c in caches if "caches" in locals() else ():
+            shutil.rmtree(c, ignore_errors=True)
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, "
                    f"no GPU (the project's CPU development machine)",

@@ -44,19 +44,21 @@ def run_ranks(cfg: dict, world: int, resume_after=None, epochs=1) -> list[dict]:
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.data_rank", args], cwd=ROOT,
                                       env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                       text=True))
-    results = []
-    for rank, p in enumerate(procs):
+    outs = []
+    for p in procs:
         try:
-            out, err = p.communicate(timeout=300)
+            outs.append(p.communicate(timeout=300))
         except subprocess.TimeoutExpired:
             for q in procs:
                 q.kill()
             raise
+    results = []
+    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
         lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         if p.returncode != 0 or not lines:
-            for q in procs:
-                q.kill()
-            raise AssertionError(f"rank {rank} failed:\n{out[-3000:]}\n{err[-5000:]}")
+            logs = "\n".join(f"--- rank {r} (exit {q.returncode}):\n{e[-4000:]}"
+                             for r, (q, (_, e)) in enumerate(zip(procs, outs)))
+            raise AssertionError(f"rank {rank} failed:\n{logs}")
         results.append(json.loads(lines[-1][7:]))
     return results
 

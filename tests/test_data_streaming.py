@@ -89,3 +89,14 @@ def test_resume_refuses_a_different_setup(local_shards):
     cfg.batch_size = 4
     with pytest.raises(ValueError, match="batch_size=2 in the checkpoint, 4 now"):
         build_loader(cfg).load_state_dict(state)
+
+
+def test_data_config_validation():
+    from gld.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match="data.weights: mixing proportions need data.source='mds'"):
+        load_config(None, ["--data.source=wds", "--data.paths=[a, b]", "--data.weights=[1, 2]"])
+    with pytest.raises(ConfigError, match=r"data.paths\[0\]: S3 bucket names need at least 3"):
+        load_config(None, ["--data.source=mds", "--data.paths=['s3://ab/x']"])
+    cfg = load_config(None, ["--data.load_depth=true", "--data.cache_dir=/tmp/c"])
+    assert cfg.data.load_depth and cfg.data.cache_dir == "/tmp/c" and cfg.data.eval_paths == []

@@ -1,4 +1,14 @@
-"""Multi-view data: sample schema, synthetic world, format converters, shard writers, streaming."""
+"""Multi-view data: sample schema, synthetic world, format converters, shard writers, streaming.
+
+- schema.py     stored record schema (Frame, Sequence, DatasetMeta), DataError, check_cameras
+- synthetic.py  procedural ray-cast world (the built-in dataset)
+- records.py    how a Sequence is laid out in MDS / tar shards (lossless)
+- writers.py    write_dataset (atomic), read_sequences, read_meta
+- views.py      view selection, decode, resize / crop with exact intrinsics
+- streaming.py  build_dataset / build_loader: batches for the trainer, resumable
+- s3.py         object-storage access (endpoint and credentials from env or config)
+- formats/      readers for RealEstate10K, DL3DV, COLMAP, TartanAir, HyperSim, ...
+"""
 from gld.data.schema import CONVENTIONS, SCHEMA_VERSION, DatasetMeta, Frame, Sequence
 
 __all__ = ["CONVENTIONS", "SCHEMA_VERSION", "DatasetMeta", "Frame", "Sequence"]

@@ -473,8 +473,8 @@ class MultiViewLoader:
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
-        if ds.source == "mds" and (self.epoch, self.step) != (0, 0):
-            ds.records.load_state_dict(self._mds_state())
+        if ds.source == "mds":  # always: a stale resume state left in shared memory by an
+            ds.records.load_state_dict(self._mds_state())  # earlier job must not apply
         ds.set_position(self.epoch, self.step)
         nw = ds.num_workers
         dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory,
