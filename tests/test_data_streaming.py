@@ -100,3 +100,18 @@ def test_data_config_validation():
         load_config(None, ["--data.source=mds", "--data.paths=['s3://ab/x']"])
     cfg = load_config(None, ["--data.load_depth=true", "--data.cache_dir=/tmp/c"])
     assert cfg.data.load_depth and cfg.data.cache_dir == "/tmp/c" and cfg.data.eval_paths == []
+
+
+def test_mds_mixture_by_weights(local_shards, tmp_path):
+    """Two MDS datasets mixed 3:1 through mosaicml-streaming's stream proportions."""
+    other = str(tmp_path / "other")
+    from gld.data.synthetic import synthetic_sequences
+
+    write_dataset(synthetic_sequences(4, seed=9, num_frames=8, size=(20, 30)), other, "mds",
+                  shard_records=2)
+    cfg = DataConfig(**cfg_dict("mds", [local_shards["mds"], other], weights=[3.0, 1.0],
+                                num_workers=0))
+    loader = build_loader(cfg)
+    scenes = [s for b in loader for s in b["scene_id"]]
+    from_other = sum(s.startswith("synthetic-9-") for s in scenes)
+    assert len(scenes) == 20 and from_other == 5  # 20 per epoch, a quarter from `other`

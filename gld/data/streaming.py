@@ -341,10 +341,12 @@ class MultiViewStream(IterableDataset):
 
         # Fixed (not streaming's lazy default) so the resume state can be built without it.
         self.num_nodes = World.detect().num_nodes
-        self.records = _MDSRecords(streams=streams, batch_size=self.batch_size,
-                                   shuffle=self.shuffle, shuffle_seed=self.seed,
-                                   num_canonical_nodes=self.num_nodes,
-                                   allow_unsafe_types=False)
+        from gld.data.mds import MDSRecords
+
+        self.records = MDSRecords(streams=streams, batch_size=self.batch_size,
+                                  shuffle=self.shuffle, shuffle_seed=self.seed,
+                                  num_canonical_nodes=self.num_nodes,
+                                  allow_unsafe_types=False)
         self.num_records = self.records.num_samples
 
     def _iter_mds(self, w: int, W: int) -> Iterator[dict]:
@@ -392,68 +394,6 @@ class _Pushback:
 def _chain(a, b):
     yield from a
     yield from b
-
-
-def _mds_base():
-    from streaming import StreamingDataset
-
-    return StreamingDataset
-
-
-class _MDSRecords(_mds_base()):
-    """StreamingDataset yielding (sample id, where, raw record or DataError), recording the
-    epoch it starts and turning shard failures into DataErrors that name the shard."""
-
-    def _resume_incr_epoch(self):
-        epoch, sample_in_epoch = super()._resume_incr_epoch()
-        self._gld_epoch, self._gld_sample_in_epoch = epoch, sample_in_epoch
-        return epoch, sample_in_epoch
-
-    def _shard_name(self, shard_id: int) -> str:
-        shard = self.shards[shard_id]
-        stream = self.streams[self.stream_per_shard[shard_id]]
-        return f"{stream.remote or stream.local}/{shard.raw_data.basename}"
-
-    def prepare_shard(self, shard_id: int, blocking: bool = True):
-        try:
-            out = super().prepare_shard(shard_id, blocking)
-        except Exception as e:
-            msg = f"shard {self._shard_name(shard_id)}: cannot fetch ({type(e).__name__}: {e})"
-            self.__dict__.setdefault("_gld_failures", []).append(msg)
-            raise DataError(msg) from None
-        return out
-
-    def _raise_failure(self):
-        fails = self.__dict__.get("_gld_failures")
-        if fails:
-            raise DataError(fails[0])
-        if getattr(self, "_event", None) is not None and self._event.is_set():
-            raise DataError("mosaicml-streaming's download thread failed (see the log above)")
-
-    def _truncation(self, shard_id: int) -> Optional[str]:
-        shard = self.shards[shard_id]
-        path = os.path.join(self.streams[self.stream_per_shard[shard_id]].local,
-                            shard.raw_data.basename)
-        if os.path.exists(path) and os.path.getsize(path) != shard.raw_data.bytes:
-            return (f"shard file has {os.path.getsize(path)} bytes, index.json says "
-                    f"{shard.raw_data.bytes} (truncated shard)")
-        return None
-
-    def __getitem__(self, sample_id: int):
-        shard_id, local = self.spanner[sample_id]
-        where = f"shard {self._shard_name(shard_id)} record {local} (sample {sample_id})"
-        try:
-            raw = self.get_item(sample_id)
-        except Exception as e:
-            self._raise_failure()
-            trunc = self._truncation(shard_id)
-            if trunc:
-                raise DataError(f"{where}: {trunc}") from None
-            return sample_id, where, DataError(f"{where}: unreadable ({type(e).__name__}: {e})")
-        trunc = self._truncation(shard_id)
-        if trunc:  # a shard-level fault: always raised, even with skip_bad
-            raise DataError(f"{where}: {trunc}")
-        return sample_id, where, raw
 
 
 class MultiViewLoader:
