@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from gld.data.schema import check_cameras
-from gld.data.synthetic import (TRAJECTORIES, render, scene_cameras, synthetic_sequence,
+from gld.data.synthetic import (TRAJECTORIES, SyntheticSequences, render, scene_cameras, synthetic_sequence,
                                 synthetic_sequences)
 
 
@@ -81,6 +81,8 @@ def test_stored_sequence_fields():
     assert f.K.dtype == np.float64 and f.c2w.dtype == np.float64
     assert f.depth.shape == (20, 30) and f.depth.dtype == np.float32
     assert len(list(synthetic_sequences(2, num_frames=2, size=(8, 8)))) == 2
+    ds = SyntheticSequences(3, seed=7, num_frames=5, size=(20, 28))
+    assert len(ds) == 3 and ds[1].frames[4].image == synthetic_sequence(7, 1, 5, (20, 28)).frames[4].image
 
 
 def test_speed_8_views_256(capsys):

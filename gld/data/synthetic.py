@@ -19,7 +19,10 @@ API:
 - `render(scene, c2w (V,4,4), K (V,3,3), height, width) -> (rgb (V,H,W,3) float32 in [0,1],
   depth (V,H,W) float32)`
 - `synthetic_sequence(seed, index, num_frames, size, ...) -> Sequence` (encoded frames)
-- `synthetic_sequences(num_scenes, ...)` iterates those (input of the shard writers).
+- `synthetic_sequences(num_scenes, ...)` iterates those (input of the shard writers);
+  `SyntheticSequences(num_scenes, ...)` is the same as a map-style torch Dataset.
+- Training batches straight from the world (no shards): `data.source: synthetic` in the config
+  (gld/data/streaming.py renders only the chosen views, at the batch's resolution).
 - `scene_cameras(seed, index, num_frames, size) -> (scene, K, c2w)` for direct rendering.
 """
 from __future__ import annotations
@@ -31,10 +34,11 @@ from typing import Iterator, Optional
 
 import numpy as np
 import torch
+import torch.utils.data
 
 from gld.data.schema import Frame, Sequence
 
-__all__ = ["Scene", "make_scene", "make_trajectory", "render", "intrinsics_for",
+__all__ = ["Scene", "SyntheticSequences", "make_scene", "make_trajectory", "render", "intrinsics_for",
            "scene_cameras", "synthetic_sequence", "synthetic_sequences", "TRAJECTORIES"]
 
 TRAJECTORIES = ("walk", "orbit", "random")
@@ -304,3 +308,23 @@ def synthetic_sequences(num_scenes: int, seed: int = 0, num_frames: int = 32,
     """Scenes start .. start + num_scenes - 1 of world `seed`, as Sequences (writer input)."""
     for i in range(start, start + num_scenes):
         yield synthetic_sequence(seed, i, num_frames, size, image_format, with_depth)
+
+
+class SyntheticSequences(torch.utils.data.Dataset):
+    """Map-style dataset: item i = `synthetic_sequence(seed, i, ...)` (a stored-format
+    Sequence with encoded frames)."""
+
+    def __init__(self, num_scenes: int, seed: int = 0, num_frames: int = 32,
+                 size: tuple[int, int] = (256, 256), image_format: str = "png",
+                 with_depth: bool = True):
+        self.num_scenes, self.seed, self.num_frames = num_scenes, seed, num_frames
+        self.size, self.image_format, self.with_depth = size, image_format, with_depth
+
+    def __len__(self) -> int:
+        return self.num_scenes
+
+    def __getitem__(self, index: int) -> Sequence:
+        if not 0 <= index < self.num_scenes:
+            raise IndexError(f"scene {index} out of range [0, {self.num_scenes})")
+        return synthetic_sequence(self.seed, index, self.num_frames, self.size,
+                                  self.image_format, self.with_depth)
