@@ -3,8 +3,12 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import tempfile
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -37,27 +41,50 @@ def run_ranks(cfg: dict, world: int, resume_after=None, epochs=1) -> list[dict]:
     port = s.getsockname()[1]
     s.close()
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    procs = []
+    logdir = Path(tempfile.mkdtemp(prefix="gld-ranks-"))
+    procs, files = [], []
     for rank in range(world):
         args = json.dumps(dict(cfg=cfg, rank=rank, world=world, port=port,
                                resume_after=resume_after, epochs=epochs))
+        out, err = open(logdir / f"{rank}.out", "w+"), open(logdir / f"{rank}.err", "w+")
+        files.append((out, err))
+        # Own process group: on failure the rank AND its DataLoader workers are killed.
         procs.append(subprocess.Popen([sys.executable, "-m", "tests.data_rank", args], cwd=ROOT,
-                                      env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                      text=True))
-    outs = []
-    for p in procs:
-        try:
-            outs.append(p.communicate(timeout=300))
-        except subprocess.TimeoutExpired:
-            for q in procs:
-                q.kill()
-            raise
+                                      env=env, stdout=out, stderr=err, start_new_session=True))
+
+    def kill_all():
+        for q in procs:
+            try:
+                os.killpg(q.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            q.wait()
+
+    deadline = time.time() + 300
+    try:
+        while any(q.poll() is None for q in procs):
+            failed = any(q.returncode not in (None, 0) for q in procs)
+            if failed or time.time() > deadline:  # a peer would wait on the barrier forever
+                kill_all()
+                break
+            time.sleep(0.1)
+        texts = []
+        for out, err in files:
+            out.seek(0)
+            err.seek(0)
+            texts.append((out.read(), err.read()))
+    finally:
+        kill_all()
+        for out, err in files:
+            out.close()
+            err.close()
+        shutil.rmtree(logdir, ignore_errors=True)
     results = []
-    for rank, (p, (out, err)) in enumerate(zip(procs, outs)):
+    for rank, (p, (out, err)) in enumerate(zip(procs, texts)):
         lines = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]
         if p.returncode != 0 or not lines:
             logs = "\n".join(f"--- rank {r} (exit {q.returncode}):\n{e[-4000:]}"
-                             for r, (q, (_, e)) in enumerate(zip(procs, outs)))
+                             for r, (q, (_, e)) in enumerate(zip(procs, texts)))
             raise AssertionError(f"rank {rank} failed:\n{logs}")
         results.append(json.loads(lines[-1][7:]))
     return results
