@@ -41,11 +41,11 @@ SHAPES = {  # name: (B, heads, d, views, (ph, pw))
     "short_d64": (4, 16, 64, 8, (18, 18)),
 }
 PATCH = 14
-SWEEP = {  # (block_m, block_n, num_warps, num_stages)
-    "fwd": [(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2), (128, 32, 8, 2), (64, 64, 4, 2),
-            (64, 32, 4, 2)],
-    "dq": [(128, 64, 8, 2), (128, 32, 8, 2), (128, 64, 8, 3), (64, 64, 4, 2), (64, 32, 4, 2)],
-    "dkdv": [(64, 128, 8, 2), (32, 128, 8, 2), (64, 64, 4, 2), (32, 64, 4, 2), (64, 128, 8, 3)],
+SWEEP = {  # (block_m, block_n, num_warps, num_stages); dkdv: block_n keys per program
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2)],
+    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2)],
+    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3),
+             (32, 128, 8, 3)],
 }
 
 
@@ -152,23 +152,28 @@ def check(shape, dtype):
 
 
 def sweep(shape, dtype, log):
-    """Time each kernel alone for each config; keep the fastest per (kernel, d)."""
+    """Time each kernel alone for each config; keep the fastest per (kernel, padded d)."""
     from triton.testing import do_bench
     q, k, v, w2c, K, patches, image = make(shape, dtype, seed=2)
     d = q.shape[-1]
+    dp = pt._padded(d)
     g = pt._geometry(w2c, K, patches, image, d, q.device)
     o, lse = pt._forward(q, k, v, g)
     do = torch.randn_like(q)
-    dq, dk, dv, delta = (torch.empty_like(t) for t in (q, k, v, lse))
-    runs = {"fwd": lambda: pt._forward(q, k, v, g),
-            "dq": lambda: pt._launch_dq(q, k, v, o, lse, do, dq, delta, g),
-            "dkdv": lambda: pt._launch_dkdv(q, k, v, lse, do, delta, dk, dv, g)}
+    kp, vp, qp, dop, dq = (torch.empty_like(t) for t in (k, v, q, q, q))
+    for x, y, which in ((k, kp, pt.KV), (v, vp, pt.KV), (q, qp, pt.QT), (do, dop, pt.QT)):
+        pt._transform(x, y, g, which, False)
+    delta = torch.empty_like(lse)
+    dk, dv = kp.clone(), vp.clone()
+    runs = {"fwd": lambda: pt._launch_fwd(q, kp, vp, o, lse, g),
+            "dq": lambda: pt._launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g),
+            "dkdv": lambda: pt._launch_dkdv(qp, dop, dk, dv, lse, delta, g)}
     best = {}
     fl = flops(shape)
     for kind, cfgs in SWEEP.items():
         for c in cfgs:
             cfg = pt.FusedConfig(*c)
-            pt.set_config(kind, d, cfg)
+            pt.set_config(kind, dp, cfg)
             try:
                 t0 = time.time()
                 runs[kind]()
@@ -182,19 +187,25 @@ def sweep(shape, dtype, log):
             share = {"fwd": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
             log.append(dict(kind=kind, d=d, cfg=c, ms=ms, compile_s=compile_s,
                             tflops=share * fl / ms * 1e-9))
-            print(f"sweep {kind} d={d} {c}: {ms:.3f} ms (compile {compile_s:.1f} s)", flush=True)
+            print(f"sweep {kind} d={d} {c}: {ms:.3f} ms {share * fl / ms * 1e-9:.0f} TFLOP/s "
+                  f"(compile {compile_s:.1f} s)", flush=True)
             if kind not in best or ms < best[kind][1]:
                 best[kind] = (c, ms)
-        pt.set_config(kind, d, pt.FusedConfig(*best[kind][0]) if kind in best else None)
-    return {k: v[0] for k, v in best.items()}
+        pt.set_config(kind, dp, pt.FusedConfig(*best[kind][0]) if kind in best else None)
+    # the transform pre-pass alone (one tensor)
+    ms = do_bench(lambda: pt._transform(k, kp, g, pt.KV, False), warmup=25, rep=100,
+                  return_mode="median")
+    gbs = 2 * k.numel() * k.element_size() / ms * 1e-6
+    log.append(dict(kind="xform", d=d, ms=ms, gbs=gbs))
+    print(f"xform d={d}: {ms:.3f} ms {gbs:.0f} GB/s", flush=True)
+    return {k2: v2[0] for k2, v2 in best.items()}
 
 
 def env_info():
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
-                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-                transform_precision=pt.TRANSFORM_PRECISION)
+                date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
 def table(results):
@@ -218,6 +229,8 @@ def main():
     ap.add_argument("--backends", default="")
     ap.add_argument("--check", action="store_true", help="bf16 error vs float64, fused and ref")
     ap.add_argument("--sweep", action="store_true", help="pick block configs per head dim")
+    ap.add_argument("--sweep-shapes", default="d64,head_d128",
+                    help="shapes to sweep on (configs are per padded head dim: d48 runs as 64)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -235,7 +248,7 @@ def main():
             save()
     if args.sweep:
         report["sweep_log"], report["configs"] = [], {}
-        for name in ("backbone_d48", "d64", "head_d128"):
+        for name in args.sweep_shapes.split(","):
             best = sweep(SHAPES[name], dtype, report["sweep_log"])
             report["configs"][SHAPES[name][2]] = best
             print("best", name, best, flush=True)

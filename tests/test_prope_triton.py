@@ -19,7 +19,7 @@ import torch
 
 from kernels import PRoPECameras, attention, prope_attention_ref, use_backend
 from kernels import prope_triton
-from kernels.prope_triton import head_tiles, prope_attention
+from kernels.prope_triton import prope_attention
 from tests.test_prope_ref import make_inputs
 
 
@@ -96,12 +96,13 @@ def test_interp_strided_inputs_and_batch():
         assert rel(a, b) <= 1e-4
 
 
-def test_head_tiles_avoid_padding():
-    assert head_tiles(48) == (16, 32)
-    assert head_tiles(64) == (32, 32)
-    assert head_tiles(128) == (64, 64)
-    assert head_tiles(96) == (32, 64)
-    assert head_tiles(16) is None and head_tiles(40) is None  # 40 = 32 + 8: falls back
+def test_supported_head_dims():
+    for d in (16, 48, 64, 96, 128):
+        assert prope_triton.supported(torch.empty(1, 1, 1, d, device="meta")) is False  # meta
+    x = torch.empty(1, 1, 1, 64, dtype=torch.float32)
+    assert prope_triton.supported(x) == ON_INTERPRETER
+    for d in (8, 44, 136, 256):
+        assert not prope_triton.supported(torch.empty(1, 1, 1, d, dtype=torch.float32))
 
 
 def test_fallbacks_use_the_reference():
