@@ -7,27 +7,35 @@ matrix, [d/2, d) rotated by the patch column / row (RoPE).
 
 Design ("pre-applied in one pass", issue #3): the main loops are plain flash attention on primed
 tensors, so they run at flash-attention speed; the per-token transforms happen outside them.
-- Every transform is one per-token map x -> M_c x (4-chunks) + RoPE rotation, `_xform`: it reads
-  a token row with four gathered column loads (the camera-chunk partners and the RoPE partner),
-  with cos/sin from small (ph*pw, d/4) fp32 tables and the 4x4 matrix of the row's camera.
-  Gathered loads are cheap here because no transform runs inside a key loop.
+- Every transform is one per-token map x -> M_c x (4-chunks) + RoPE rotation, `_xform`, on an
+  fp32 register tile: the camera part is a dot with blockdiag(M_c^T) (one per camera present in
+  the tile, at most 2 when the tile is not longer than a view), the RoPE partner swap a dot with
+  a signed permutation, cos/sin come from small (ph*pw, d) tables; all loads are contiguous.
+  The dots run in tf32 for bf16 (inside bf16's rounding), tf32x3 for fp16 (tf32 at d > 64,
+  where tf32x3 does not fit shared memory), exact for fp32. Camera matrices come from one small
+  kernel (`_geometry_kernel`), the RoPE tables are cached per (patches, d, device).
 - Forward: one pre-pass writes k' and v' (input dtype) to scratch; the attention kernel
   transforms q as it loads its query block, runs the standard online-softmax loop (one dot over
-  the full head dim for QK^T and one for PV, exp2, fp32 statistics), and stores o: it writes o',
-  then (after a CTA barrier) re-reads its own rows and overwrites them with o = D o'.
-  Saved for the backward: q, k, v, o (no copies) and the fp32 log2-sum-exp (B, h, N).
+  the full head dim for QK^T and one for PV, exp2, fp32 statistics) and transforms o = D o' in
+  registers as it stores it. Saved for the backward: q, k, v, o (no copies) and the fp32
+  log2-sum-exp (B, h, N).
 - Backward: pre-pass q' and do' = D^T do into scratch, k' and v' into the dk / dv buffers.
   The dq kernel (query block, loop over keys) also writes delta = rowsum(o * do) (equal to
-  rowsum(o' * do')) and stores dq = D dq' the same way as the forward stores o; then the dk/dv
-  kernel (key block, loop over queries) reads its k', v' block, accumulates, and overwrites it
-  with dk = D^-T dk', dv = D^-T dv'.
+  rowsum(o' * do')) and stores dq = D dq' like the forward's o; the dk/dv kernel (key block,
+  loop over queries) reads its k', v' block and overwrites it with dk', dv'; a post-pass applies
+  dk = D^-T dk', dv = D^-T dv' in place (in the dk/dv kernel the transform dots made ptxas
+  serialise its wgmma).
 - The trade-off: transient memory. The forward holds k', v' (2 tensors the size of k) during the
   call, the backward q', do' (2 tensors); all are freed before the call returns, none is saved.
   So the forward's peak is plain attention's + LSE + 2 tensors; the forward+backward peak stays
-  at plain attention's (see launch/results/profile_kernels_h100_2026-11-24.md). Outputs are
-  rounded twice in 16-bit (o', then o), as the unfused reference does.
-- Head dims that are not powers of two (d = 48) run padded to the next one (64) in registers;
-  memory holds d columns only. Tokens need not align with blocks: each row carries its camera.
+  at plain attention's (see launch/results/profile_kernels_h100_2026-11-24.md). dk and dv are
+  rounded twice in 16-bit (dk', then dk), as in the unfused reference.
+- Head dims that are not powers of two (d = 48) run padded to the next one (64) in registers
+  (a third more tensor-core work; memory holds d columns only). Tokens need not align with
+  blocks: each row carries its camera.
+- Speed (H100, bf16, launch/results/profile_kernels_h100_2026-11-24.md): d = 64, N = 10368:
+  350 TFLOP/s forward, 325 forward+backward (SDPA flash 309 / 286, cuDNN 448 / 428); d = 48:
+  270 / 252 (padding); d = 128: 323 / 327.
 
 Supported: fp16/bf16/fp32 on CUDA, d % 8 == 0 with 16 <= d <= 128; other d and float64 use the
 reference. On CPU it runs under the Triton interpreter (fp32) when the process started with
@@ -36,6 +44,7 @@ uses the reference. No gradient flows to the cameras (w2c, K).
 """
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -46,7 +55,7 @@ import triton.language as tl
 from torch import Tensor
 from triton.runtime.jit import JITFunction
 
-from kernels.prope_ref import check_prope_inputs, prope_attention_ref, prope_matrices, rope_tables
+from kernels.prope_ref import check_prope_inputs, prope_attention_ref, rope_tables
 
 __all__ = ["prope_attention", "FusedConfig", "supported", "interpreted", "set_config"]
 
@@ -57,60 +66,77 @@ LOG2E = 1.4426950408889634
 # kernels
 # ----------------------------------------------------------------------------------------------
 @triton.jit
-def _xform(rows, tok, ok, mat, COS, SIN, NV, D: tl.constexpr, DP: tl.constexpr,
-           INV: tl.constexpr):
-    """fp32 (BT, DP) tile: row r is the transform of token tok[r]'s row at rows[r] (pointers,
-    (BT, 1)): columns [0, D/2) in 4-chunks times mat[camera] (out_i = sum_j M[i, j] x_j, M 4x4
-    row-major at mat + 16 * camera), columns [D/2, D) rotated by the token's RoPE angles
-    (forward [a cos + b sin, -a sin + b cos], or the inverse if INV); columns >= D are 0."""
+def _geometry_kernel(W2C, KI, MATS, BV, inv_h, inv_w):
+    """Per camera (program): P = lift(K_n) T and P^-1 = T^-1 lift(K_n^-1) (prope_matrices' closed
+    form, fp32), stored as MATS[0..3] = P^T, P^-1, P, P^-T, each (B*V, 4, 4)."""
+    cam = tl.program_id(0).to(tl.int64)
+    r = tl.arange(0, 4)[:, None]
+    c = tl.arange(0, 4)[None, :]
+    t = tl.load(W2C + cam * 16 + r * 4 + c)
+    tt = tl.load(W2C + cam * 16 + c * 4 + r)                     # T^T
+    kb = KI + cam * 9
+    fx = tl.load(kb) * inv_w
+    fy = tl.load(kb + 4) * inv_h
+    cx = tl.load(kb + 2) * inv_w - 0.5
+    cy = tl.load(kb + 5) * inv_h - 0.5
+    diag = tl.where(r == 0, fx, tl.where(r == 1, fy, 1.0))
+    off = tl.where(r == 0, cx, cy)
+    lk = tl.where(r == c, diag, 0.0) + tl.where((r < 2) & (c == 2), off, 0.0)
+    lki = tl.where(r == c, 1.0 / diag, 0.0) + tl.where((r < 2) & (c == 2), -off / diag, 0.0)
+    tvec = tl.sum(tl.where(c == 3, t, 0.0), 1)                    # T[:, 3]
+    rt = tl.where((r < 3) & (c < 3), tt, 0.0)                     # R^T
+    rt_t = tl.sum(rt * tvec[None, :], 1)                          # R^T t
+    t_inv = rt + tl.where((c == 3) & (r < 3), -rt_t[:, None], 0.0) + tl.where(
+        (r == 3) & (c == 3), 1.0, 0.0)
+    p = tl.sum(lk[:, :, None] * t[None, :, :], 1)
+    p_inv = tl.sum(t_inv[:, :, None] * lki[None, :, :], 1)
+    out = MATS + cam * 16
+    tl.store(out + c * 4 + r, p)                  # P^T
+    tl.store(out + BV * 16 + r * 4 + c, p_inv)
+    tl.store(out + 2 * BV * 16 + r * 4 + c, p)
+    tl.store(out + 3 * BV * 16 + c * 4 + r, p_inv)
+
+
+@triton.jit
+def _xform(x, tok, ok, mat, CT, ST, NV, D: tl.constexpr, DP: tl.constexpr, INV: tl.constexpr,
+           XPREC: tl.constexpr):
+    """Per-token transform of the fp32 register tile x (BT, DP), row r = token tok[r]:
+    columns [0, D/2) in 4-chunks times M[camera] (out_i = sum_j M[i, j] x_j, M 4x4 row-major at
+    mat + 16 * camera), columns [D/2, D) rotated by the token's RoPE angles (forward
+    [a cos + b sin, -a sin + b cos], or the inverse if INV); columns >= D are 0.
+    No gathers: the camera part is x @ blockdiag(M^T) (one dot per camera present in the tile,
+    at most 2 when the tile is not longer than a view), the RoPE partner swap x @ (signed
+    permutation), cos/sin from (NV, DP) tables (CT: cos, 0 off RoPE; ST: forward-signed sin)."""
     HALF: tl.constexpr = D // 2
     Q4: tl.constexpr = D // 4
     Q8: tl.constexpr = D // 8
+    ri = tl.arange(0, DP)[:, None]
     c = tl.arange(0, DP)[None, :]
     okr = ok[:, None]
-    cam = (tok // NV)[:, None]
-    pix = (tok % NV)[:, None]
-    proj = c < HALF
-    rope = (c >= HALF) & (c < D)
-    r = tl.where(rope, c - HALF, 0)
-    is_a = (r % Q4) < Q8
-    fi = (r // Q4) * Q8 + (r % Q8)
-    tab = pix * Q4 + fi
-    cs = tl.load(COS + tab, mask=okr & rope, other=0.0)
-    sn = tl.load(SIN + tab, mask=okr & rope, other=0.0)
+    cam = tok // NV
+    tab = (tok % NV)[:, None] * DP + c
+    cs = tl.load(CT + tab, mask=okr, other=0.0)
+    sn = tl.load(ST + tab, mask=okr, other=0.0)
     if INV:
-        sn = tl.where(is_a, -sn, sn)
-    else:
-        sn = tl.where(is_a, sn, -sn)
-    partner = tl.where(is_a, c + Q8, c - Q8)
-    x = tl.load(rows + c, mask=okr & rope, other=0.0).to(tl.float32)
-    xp = tl.load(rows + partner, mask=okr & rope, other=0.0).to(tl.float32)
-    out = x * cs + xp * sn
-    i = c % 4
-    m = mat + cam * 16 + i * 4
-    for j in tl.static_range(4):
-        xj = tl.load(rows + (c - i + j), mask=okr & proj, other=0.0).to(tl.float32)
-        out += xj * tl.load(m + j, mask=okr & proj, other=0.0)
-    return out
+        sn = -sn
+    rope = (c >= HALF) & (c < D)
+    is_a = (tl.where(rope, c - HALF, 0) % Q4) < Q8
+    swap = ((ri == tl.where(is_a, c + Q8, c - Q8)) & rope).to(tl.float32)
+    y = x * cs + tl.dot(x, swap, input_precision=XPREC) * sn
+    blk = ((ri // 4) == (c // 4)) & (c < HALF)
+    idx = (c % 4) * 4 + (ri % 4)                   # G[r, c] = M[c % 4, r % 4]
+    lo = tl.min(tl.where(ok, cam, 2147483647), 0)
+    hi = tl.max(tl.where(ok, cam, -1), 0)
+    for cc in range(lo, hi + 1):
+        g = tl.load(mat + cc * 16 + idx, mask=blk, other=0.0)
+        y += tl.where((cam == cc)[:, None], tl.dot(x, g, input_precision=XPREC), 0.0)
+    return y
 
 
 @triton.jit
-def _xform_store(rows, tok, ok, mat, COS, SIN, NV, val, D: tl.constexpr, DP: tl.constexpr,
-                 INV: tl.constexpr):
-    """Store val (BT, DP) at rows, then overwrite it with its transform: the gathered re-read of
-    this program's own rows sits between two CTA barriers."""
-    c = tl.arange(0, DP)[None, :]
-    mask = ok[:, None] & (c < D)
-    tl.store(rows + c, val.to(rows.dtype.element_ty), mask=mask)
-    tl.debug_barrier()
-    out = _xform(rows, tok, ok, mat, COS, SIN, NV, D, DP, INV)
-    tl.debug_barrier()
-    tl.store(rows + c, out.to(rows.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _xform_kernel(X, Y, MAT, COS, SIN, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, NV, NVIEW,
-                  D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, INV: tl.constexpr):
+def _xform_kernel(X, Y, MAT, CT, ST, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, NV, NVIEW,
+                  D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, INV: tl.constexpr,
+                  XPREC: tl.constexpr):
     """Y = transform(X) for every token (the pre-pass)."""
     bh = tl.program_id(1)
     b = bh // NH
@@ -118,11 +144,13 @@ def _xform_kernel(X, Y, MAT, COS, SIN, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N
     tok = tl.program_id(0) * BT + tl.arange(0, BT)
     ok = tok < N
     t64 = tok.to(tl.int64)[:, None]
-    x_rows = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + t64 * s_xn
-    y = _xform(x_rows, tok, ok, MAT + b * NVIEW * 16, COS, SIN, NV, D, DP, INV)
     c = tl.arange(0, DP)[None, :]
-    y_rows = Y + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh + t64 * s_yn
-    tl.store(y_rows + c, y.to(Y.dtype.element_ty), mask=ok[:, None] & (c < D))
+    mask = ok[:, None] & (c < D)
+    x = tl.load(X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + t64 * s_xn + c, mask=mask,
+                other=0.0).to(tl.float32)
+    y = _xform(x, tok, ok, MAT + b * NVIEW * 16, CT, ST, NV, D, DP, INV, XPREC)
+    tl.store(Y + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh + t64 * s_yn + c,
+             y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -148,22 +176,25 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, lo, hi, N, qk_scale
 
 
 @triton.jit
-def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, COS, SIN,
+def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, CT, ST,
                s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_ob, s_oh, s_on,
                NH, N, NV, NVIEW, qk_scale,
                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               MPREC: tl.constexpr):
-    """o for one query block: q transformed on load, keys/values primed (KP, VP: k', v' with
-    strides s_k*), o' stored and overwritten with o = D o'."""
+               MPREC: tl.constexpr, XPREC: tl.constexpr):
+    """o for one query block: q transformed as it is loaded, keys/values primed (KP, VP: k', v'
+    with strides s_k*), o = D o' transformed in registers as it is stored."""
     bh = tl.program_id(1)
     b = bh // NH
     h = bh % NH
     tok = tl.program_id(0) * BM + tl.arange(0, BM)
     ok = tok < N
     t64 = tok.to(tl.int64)[:, None]
-    q_rows = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + t64 * s_qn
+    c = tl.arange(0, DP)[None, :]
+    mask = ok[:, None] & (c < D)
+    q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + t64 * s_qn + c, mask=mask,
+                other=0.0).to(tl.float32)
     mats = b * NVIEW * 16
-    q = _xform(q_rows, tok, ok, MQ + mats, COS, SIN, NV, D, DP, False).to(KP.dtype.element_ty)
+    q = _xform(q, tok, ok, MQ + mats, CT, ST, NV, D, DP, False, XPREC).to(KP.dtype.element_ty)
     k_base = KP + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     v_base = VP + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
 
@@ -176,8 +207,9 @@ def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, COS, SIN,
     acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, s_kn, s_kn, n_full, N, N,
                                qk_scale, D, DP, BN, True, MPREC)
     tl.store(LSE + bh.to(tl.int64) * N + tok, m_i + tl.log2(l_i), mask=ok)
-    o_rows = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t64 * s_on
-    _xform_store(o_rows, tok, ok, MO + mats, COS, SIN, NV, acc / l_i[:, None], D, DP, True)
+    o = _xform(acc / l_i[:, None], tok, ok, MO + mats, CT, ST, NV, D, DP, True, XPREC)
+    tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t64 * s_on + c,
+             o.to(O.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -201,13 +233,13 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, lo, hi, N, qk_scale,
 
 
 @triton.jit
-def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, COS, SIN,
+def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, CT, ST,
                   s_pb, s_ph, s_pn, s_kb, s_kh, s_kn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
                   s_gb, s_gh, s_gn, NH, N, NV, NVIEW, qk_scale, sm_scale,
                   D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  MPREC: tl.constexpr):
+                  MPREC: tl.constexpr, XPREC: tl.constexpr):
     """dq for one query block from q', do' (QP, DOP: strides s_p*) and k', v' (KP, VP: strides
-    s_k*); also writes delta = rowsum(o * do). dq = D dq' stored like the forward's o."""
+    s_k*); also writes delta = rowsum(o * do). dq = D dq' transformed as it is stored."""
     bh = tl.program_id(1)
     b = bh // NH
     h = bh % NH
@@ -236,19 +268,20 @@ def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, COS, SIN,
                    D, DP, BN, False, MPREC)
     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, n_full, N, N, qk_scale,
                    D, DP, BN, True, MPREC)
-    dq_rows = DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + t64 * s_gn
-    _xform_store(dq_rows, tok, ok, MO + b * NVIEW * 16, COS, SIN, NV, dq * sm_scale, D, DP, True)
+    dq = _xform(dq * sm_scale, tok, ok, MO + b * NVIEW * 16, CT, ST, NV, D, DP, True, XPREC)
+    tl.store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + t64 * s_gn + c,
+             dq.to(DQ.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _prope_bwd_dkdv(QP, DOP, DK, DV, LSE, DELTA, MG, COS, SIN,
-                    s_pb, s_ph, s_pn, s_kb, s_kh, s_kn,
-                    NH, N, NV, NVIEW, qk_scale, sm_scale,
+def _prope_bwd_dkdv(QP, DOP, DK, DV, LSE, DELTA,
+                    s_pb, s_ph, s_pn, s_kb, s_kh, s_kn, NH, N, qk_scale, sm_scale,
                     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                     MPREC: tl.constexpr):
-    """dk, dv for one key block. DK / DV (strides s_k*) hold k', v' on entry: the block is read,
-    dk', dv' accumulated over all queries (q', do' in QP / DOP), and the block overwritten with
-    dk = D^-T dk', dv = D^-T dv'."""
+    """dk', dv' for one key block. DK / DV (strides s_k*) hold k', v' on entry: the block is
+    read, dk', dv' accumulated over all queries (q', do' in QP / DOP), and the block overwritten
+    with them (a post-pass then applies D^-T in place: transforming here, in registers, made
+    ptxas serialise this kernel's wgmma and cost 57 registers)."""
     bh = tl.program_id(1)
     b = bh // NH
     h = bh % NH
@@ -283,9 +316,9 @@ def _prope_bwd_dkdv(QP, DOP, DK, DV, LSE, DELTA, MG, COS, SIN,
         dpt = tl.dot(v, tl.trans(do), input_precision=MPREC)
         dst = pt * (dpt - delta[None, :])
         dk = tl.dot(dst.to(q.dtype), q, dk, input_precision=MPREC)
-    mg = MG + b * NVIEW * 16
-    _xform_store(dk_rows, key, kok, mg, COS, SIN, NV, dk * sm_scale, D, DP, True)
-    _xform_store(dv_rows, key, kok, mg, COS, SIN, NV, dv, D, DP, True)
+    tl.debug_barrier()   # every warp has read its k', v' rows (long ago) before they are replaced
+    tl.store(dk_rows + c, (dk * sm_scale).to(DK.dtype.element_ty), mask=kmask)
+    tl.store(dv_rows + c, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -304,9 +337,9 @@ class FusedConfig:
 
 # Chosen from the H100 sweep in launch/profile_kernels.py (results in launch/results/).
 _DEFAULTS = {
-    "fwd": {64: FusedConfig(128, 64, 4, 3), 128: FusedConfig(128, 64, 8, 3)},
-    "dq": {64: FusedConfig(128, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)},
-    "dkdv": {64: FusedConfig(64, 128, 8, 3), 128: FusedConfig(64, 64, 8, 3)},
+    "fwd": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 128, 8, 3)},
+    "dq": {64: FusedConfig(128, 64, 4, 3), 128: FusedConfig(128, 64, 8, 3)},
+    "dkdv": {64: FusedConfig(32, 128, 4, 4), 128: FusedConfig(64, 128, 8, 3)},
 }
 _XFORM_BLOCK = 64
 _overrides: dict = {}
@@ -355,8 +388,8 @@ def interpreted() -> bool:
 @dataclass
 class _Geometry:
     mats: Tensor     # (4, B, V, 4, 4) fp32: P^T (q, do), P^-1 (k, v), P (o, dq), P^-T (dk, dv)
-    cos: Tensor      # (ph*pw, d/4) fp32: cos of the x angles, then of the y angles
-    sin: Tensor
+    ct: Tensor       # (ph*pw, dp) fp32 cos of each RoPE column's angle, 0 elsewhere
+    st: Tensor       # (ph*pw, dp) fp32 sin, signed for the forward rotation (+ on a, - on b)
     views: int
     per_view: int
 
@@ -364,14 +397,25 @@ class _Geometry:
 QT, KV, OUT, GKV = range(4)
 
 
+@functools.lru_cache(maxsize=64)
+def _rope_columns(patches: tuple[int, int], d: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """cos / signed sin per (pixel, column), columns [d/2, d): x a-half, x b-half, y a, y b."""
+    cx, sx, cy, sy = rope_tables(patches, d, torch.float32, device)
+    zeros = torch.zeros(cx.shape[0], d // 2, device=device)
+    pad = torch.zeros(cx.shape[0], _padded(d) - d, device=device)
+    ct = torch.cat([zeros, cx, cx, cy, cy, pad], 1).contiguous()
+    st = torch.cat([zeros, sx, -sx, sy, -sy, pad], 1).contiguous()
+    return ct, st
+
+
 def _geometry(w2c: Tensor, K: Tensor, patches, image_size, d: int, device) -> _Geometry:
-    with torch.no_grad():
-        P, P_inv = prope_matrices(w2c.detach(), K.detach(), image_size, torch.float32)
-        mats = torch.stack([P.transpose(-1, -2), P_inv, P, P_inv.transpose(-1, -2)])
-        cx, sx, cy, sy = rope_tables(patches, d, torch.float32, device)
-        cos = torch.cat([cx, cy], 1).contiguous()
-        sin = torch.cat([sx, sy], 1).contiguous()
-    return _Geometry(mats.to(device).contiguous(), cos, sin, w2c.shape[1], cx.shape[0])
+    B, V = w2c.shape[:2]
+    mats = torch.empty(4, B, V, 4, 4, dtype=torch.float32, device=device)
+    _geometry_kernel[(B * V,)](w2c.detach().to(device, torch.float32).contiguous(),
+                               K.detach().to(device, torch.float32).contiguous(), mats, B * V,
+                               1.0 / image_size[0], 1.0 / image_size[1])
+    ct, st = _rope_columns(tuple(patches), d, torch.device(device))
+    return _Geometry(mats, ct, st, V, ct.shape[0])
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -383,9 +427,22 @@ def _dense(x: Tensor) -> Tensor:
     return x.contiguous()
 
 
-def _mprec(dtype: torch.dtype, interpret: bool) -> str:
-    """Attention dots: fp32 inputs exact (ieee); 16-bit operands need no choice (tf32 unused)."""
-    return "ieee" if interpret or dtype == torch.float32 else "tf32"
+def _precisions(dtype: torch.dtype, interpret: bool) -> tuple[str, str]:
+    """(attention dots, transform dots). fp32 inputs: exact (ieee) everywhere. 16-bit: the
+    attention dots take 16-bit operands (the setting is unused); the transform dots see 16-bit
+    exact operands or fp32 accumulators and feed one 16-bit rounding: tf32 (2^-11) is inside
+    bf16's 2^-9, fp16 rounds at 2^-11 itself and gets tf32x3 (fp32-accurate)."""
+    if interpret or dtype == torch.float32:
+        return "ieee", "ieee"
+    return "tf32", ("tf32x3" if dtype == torch.float16 else "tf32")
+
+
+def _xprec(x: Tensor) -> str:
+    """The transform dots' precision for x's dtype and head dim: fp16 at d > 64 takes tf32, as
+    bf16 does: tf32x3's split operands (x and two (d, d) fp32 matrices, hi and lo) need up to
+    448 KiB of shared memory at d = 128, over the H100's 227 (and "ieee" spills heavily)."""
+    xprec = _precisions(x.dtype, not x.is_cuda)[1]
+    return "tf32" if xprec == "tf32x3" and _padded(x.shape[-1]) > 64 else xprec
 
 
 _FALLBACKS = (FusedConfig(64, 64, 4, 2), FusedConfig(32, 32, 4, 1))
@@ -396,8 +453,9 @@ def _with_fallback(kind: str, q: Tensor, launch) -> None:
     """launch(cfg) with the configured blocks; if the compiler runs out of shared memory or
     registers (e.g. fp32 at d=128), smaller configs."""
     d = q.shape[-1]
-    key = (kind, d, q.dtype)
-    cfg = _fell_back.get(key) or _config(kind, d, not q.is_cuda)
+    want = _config(kind, d, not q.is_cuda)
+    key = (kind, d, q.dtype, want)
+    cfg = _fell_back.get(key, want)
     try:
         launch(cfg)
         return
@@ -415,19 +473,25 @@ def _with_fallback(kind: str, q: Tensor, launch) -> None:
                        f"{q.dtype}")
 
 
+def _precs(q: Tensor) -> dict:
+    return dict(MPREC=_precisions(q.dtype, not q.is_cuda)[0], XPREC=_xprec(q))
+
+
 def _launch(q: Tensor, cfg: FusedConfig) -> dict:
     return {} if not q.is_cuda else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
 def _transform(x: Tensor, y: Tensor, g: _Geometry, which: int, inverse: bool) -> None:
-    """y = per-token transform of x (pre-pass); x, y (B, h, N, d), last dims contiguous."""
+    """y = per-token transform of x (B, h, N, d); y may be x (each program reads its rows into
+    registers before it writes them)."""
     B, H, N, d = x.shape
     bt = 16 if not x.is_cuda else _XFORM_BLOCK
     launch = {} if not x.is_cuda else dict(num_warps=4)
     _xform_kernel[(triton.cdiv(N, bt), B * H)](
-        x, y, g.mats[which], g.cos, g.sin, x.stride(0), x.stride(1), x.stride(2),
+        x, y, g.mats[which], g.ct, g.st, x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2), H, N, g.per_view, g.views,
-        D=d, DP=_padded(d), BT=bt, INV=inverse, **launch)
+        D=d, DP=_padded(d), BT=bt, INV=inverse, XPREC=_xprec(x),
+        **launch)
 
 
 def _launch_fwd(q, kp, vp, o, lse, g: _Geometry) -> None:
@@ -436,11 +500,11 @@ def _launch_fwd(q, kp, vp, o, lse, g: _Geometry) -> None:
 
     def launch_with(cfg):
         _prope_fwd[(triton.cdiv(N, cfg.block_m), B * H)](
-            q, kp, vp, o, lse, g.mats[QT], g.mats[OUT], g.cos, g.sin,
+            q, kp, vp, o, lse, g.mats[QT], g.mats[OUT], g.ct, g.st,
             q.stride(0), q.stride(1), q.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
             o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views,
             LOG2E / math.sqrt(d), D=d, DP=_padded(d), BM=cfg.block_m, BN=cfg.block_n,
-            MPREC=_mprec(q.dtype, not q.is_cuda), **_launch(q, cfg))
+            **_precs(q), **_launch(q, cfg))
     _with_fallback("fwd", q, launch_with)
 
 
@@ -462,26 +526,26 @@ def _launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g: _Geometry) -> None:
 
     def launch_with(cfg):
         _prope_bwd_dq[(triton.cdiv(N, cfg.block_m), B * H)](
-            qp, dop, kp, vp, o, do, dq, lse, delta, g.mats[OUT], g.cos, g.sin,
+            qp, dop, kp, vp, o, do, dq, lse, delta, g.mats[OUT], g.ct, g.st,
             qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
             o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), H, N, g.per_view, g.views,
             LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), D=d, DP=_padded(d), BM=cfg.block_m,
-            BN=cfg.block_n, MPREC=_mprec(qp.dtype, not qp.is_cuda), **_launch(qp, cfg))
+            BN=cfg.block_n, **_precs(qp), **_launch(qp, cfg))
     _with_fallback("dq", qp, launch_with)
 
 
-def _launch_dkdv(qp, dop, dk, dv, lse, delta, g: _Geometry) -> None:
+def _launch_dkdv(qp, dop, dk, dv, lse, delta) -> None:
     B, H, N, d = qp.shape
     assert qp.stride() == dop.stride() and dk.stride() == dv.stride()
 
     def launch_with(cfg):
         _prope_bwd_dkdv[(triton.cdiv(N, cfg.block_n), B * H)](
-            qp, dop, dk, dv, lse, delta, g.mats[GKV], g.cos, g.sin,
+            qp, dop, dk, dv, lse, delta,
             qp.stride(0), qp.stride(1), qp.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
-            H, N, g.per_view, g.views, LOG2E / math.sqrt(d), 1.0 / math.sqrt(d),
+            H, N, LOG2E / math.sqrt(d), 1.0 / math.sqrt(d),
             D=d, DP=_padded(d), BM=cfg.block_m, BN=cfg.block_n,
-            MPREC=_mprec(qp.dtype, not qp.is_cuda), **_launch(qp, cfg))
+            MPREC=_precs(qp)["MPREC"], **_launch(qp, cfg))
     _with_fallback("dkdv", qp, launch_with)
 
 
@@ -501,7 +565,9 @@ def _backward(q, k, v, o, lse, do, g: _Geometry):
     _transform(v, dv, g, KV, False)
     delta = torch.empty_like(lse)
     _launch_dq(qp, dop, dk, dv, o, do, dq, lse, delta, g)      # also writes delta
-    _launch_dkdv(qp, dop, dk, dv, lse, delta, g)                # overwrites k', v' with dk, dv
+    _launch_dkdv(qp, dop, dk, dv, lse, delta)                   # overwrites k', v' with dk', dv'
+    _transform(dk, dk, g, GKV, True)                             # dk = D^-T dk', in place
+    _transform(dv, dv, g, GKV, True)
     return dq, dk, dv
 
 

@@ -42,10 +42,11 @@ SHAPES = {  # name: (B, heads, d, views, (ph, pw))
 }
 PATCH = 14
 SWEEP = {  # (block_m, block_n, num_warps, num_stages); dkdv: block_n keys per program
-    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 128, 8, 2)],
-    "dq": [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 4, 3), (128, 64, 8, 2)],
-    "dkdv": [(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3), (32, 64, 4, 3), (64, 128, 4, 3),
-             (32, 128, 8, 3)],
+    "fwd": [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 4), (128, 64, 8, 4),
+            (128, 128, 4, 3)],
+    "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)],
+    "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2),
+             (64, 128, 8, 2), (32, 128, 4, 4)],
 }
 
 
@@ -167,7 +168,7 @@ def sweep(shape, dtype, log):
     dk, dv = kp.clone(), vp.clone()
     runs = {"fwd": lambda: pt._launch_fwd(q, kp, vp, o, lse, g),
             "dq": lambda: pt._launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g),
-            "dkdv": lambda: pt._launch_dkdv(qp, dop, dk, dv, lse, delta, g)}
+            "dkdv": lambda: pt._launch_dkdv(qp, dop, dk, dv, lse, delta)}
     best = {}
     fl = flops(shape)
     for kind, cfgs in SWEEP.items():
