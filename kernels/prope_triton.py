@@ -11,9 +11,9 @@ tensors, so they run at flash-attention speed; the per-token transforms happen o
   fp32 register tile: the camera part is a dot with blockdiag(M_c^T) (one per camera present in
   the tile, at most 2 when the tile is not longer than a view), the RoPE partner swap a dot with
   a signed permutation, cos/sin come from small (ph*pw, d) tables; all loads are contiguous.
-  The dots run in tf32 for bf16 (inside bf16's rounding), tf32x3 for fp16 (tf32 at d > 64,
-  where tf32x3 does not fit shared memory), exact for fp32. Camera matrices come from one small
-  kernel (`_geometry_kernel`), the RoPE tables are cached per (patches, d, device).
+  The dots run in tf32 for bf16 (inside bf16's rounding), tf32x3 for fp16, exact for fp32.
+  Camera matrices come from one small kernel (`_geometry_kernel`), the RoPE tables are cached
+  per (patches, d, device).
 - Forward: one pre-pass writes k' and v' (input dtype) to scratch; the attention kernel
   transforms q as it loads its query block, runs the standard online-softmax loop (one dot over
   the full head dim for QK^T and one for PV, exp2, fp32 statistics) and transforms o = D o' in
@@ -34,13 +34,14 @@ tensors, so they run at flash-attention speed; the per-token transforms happen o
   (a third more tensor-core work; memory holds d columns only). Tokens need not align with
   blocks: each row carries its camera.
 - Speed (H100, bf16, launch/results/profile_kernels_h100_2026-11-24.md): d = 64, N = 10368:
-  350 TFLOP/s forward, 325 forward+backward (SDPA flash 309 / 286, cuDNN 448 / 428); d = 48:
-  270 / 252 (padding); d = 128: 323 / 327.
+  352 TFLOP/s forward, 332 forward+backward (SDPA flash 308 / 291, cuDNN 452 / 432); d = 48:
+  270 / 252 (padding); d = 128: 325 / 326.
 
-Supported: fp16/bf16/fp32 on CUDA, d % 8 == 0 with 16 <= d <= 128; other d and float64 use the
-reference. On CPU it runs under the Triton interpreter (fp32) when the process started with
-TRITON_INTERPRET=1 (triton decides compiled vs interpreted when it is first imported), else it
-uses the reference. No gradient flows to the cameras (w2c, K).
+Supported: bf16/fp32 on CUDA with d % 8 == 0 and 16 <= d <= 128, fp16 with d <= 64 (see
+`_precisions`); other d, fp16 at d > 64 and float64 use the reference. On CPU it runs under the
+Triton interpreter (fp32) when the process started with TRITON_INTERPRET=1 (triton decides
+compiled vs interpreted when it is first imported), else it uses the reference. No gradient
+flows to the cameras (w2c, K).
 """
 from __future__ import annotations
 
@@ -374,6 +375,8 @@ def supported(q: Tensor) -> bool:
     if d % 8 or not 16 <= d <= 128 or q.dtype not in (torch.float16, torch.bfloat16,
                                                        torch.float32):
         return False
+    if q.dtype == torch.float16 and d > 64:
+        return False   # see _precisions
     if q.is_cuda:
         return not interpreted()
     return q.device.type == "cpu" and interpreted() and q.dtype == torch.float32
@@ -431,18 +434,13 @@ def _precisions(dtype: torch.dtype, interpret: bool) -> tuple[str, str]:
     """(attention dots, transform dots). fp32 inputs: exact (ieee) everywhere. 16-bit: the
     attention dots take 16-bit operands (the setting is unused); the transform dots see 16-bit
     exact operands or fp32 accumulators and feed one 16-bit rounding: tf32 (2^-11) is inside
-    bf16's 2^-9, fp16 rounds at 2^-11 itself and gets tf32x3 (fp32-accurate)."""
+    bf16's 2^-9, fp16 rounds at 2^-11 itself and gets tf32x3 (fp32-accurate). At d > 64
+    tf32x3's split operands (x and two (d, d) fp32 matrices, hi and lo) need 256-448 KiB of
+    shared memory, over the H100's 227, and tf32 put fp16's o error at 2.4x the reference's
+    (H100, d = 128): `supported` sends fp16 at d > 64 to the reference."""
     if interpret or dtype == torch.float32:
         return "ieee", "ieee"
     return "tf32", ("tf32x3" if dtype == torch.float16 else "tf32")
-
-
-def _xprec(x: Tensor) -> str:
-    """The transform dots' precision for x's dtype and head dim: fp16 at d > 64 takes tf32, as
-    bf16 does: tf32x3's split operands (x and two (d, d) fp32 matrices, hi and lo) need up to
-    448 KiB of shared memory at d = 128, over the H100's 227 (and "ieee" spills heavily)."""
-    xprec = _precisions(x.dtype, not x.is_cuda)[1]
-    return "tf32" if xprec == "tf32x3" and _padded(x.shape[-1]) > 64 else xprec
 
 
 _FALLBACKS = (FusedConfig(64, 64, 4, 2), FusedConfig(32, 32, 4, 1))
@@ -474,7 +472,8 @@ def _with_fallback(kind: str, q: Tensor, launch) -> None:
 
 
 def _precs(q: Tensor) -> dict:
-    return dict(MPREC=_precisions(q.dtype, not q.is_cuda)[0], XPREC=_xprec(q))
+    mprec, xprec = _precisions(q.dtype, not q.is_cuda)
+    return dict(MPREC=mprec, XPREC=xprec)
 
 
 def _launch(q: Tensor, cfg: FusedConfig) -> dict:
@@ -490,7 +489,7 @@ def _transform(x: Tensor, y: Tensor, g: _Geometry, which: int, inverse: bool) ->
     _xform_kernel[(triton.cdiv(N, bt), B * H)](
         x, y, g.mats[which], g.ct, g.st, x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2), H, N, g.per_view, g.views,
-        D=d, DP=_padded(d), BT=bt, INV=inverse, XPREC=_xprec(x),
+        D=d, DP=_padded(d), BT=bt, INV=inverse, XPREC=_precisions(x.dtype, not x.is_cuda)[1],
         **launch)
 
 
