@@ -13,6 +13,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import math
 from dataclasses import dataclass
@@ -62,8 +63,10 @@ def current_backend() -> str:
     return _forced or "auto"
 
 
+@functools.lru_cache(maxsize=None)
 def _flash_attn_func():
-    """flash_attn_func of FlashAttention-2 or -4 (flash_attn.cute), or None."""
+    """flash_attn_func of FlashAttention-2 or -4 (flash_attn.cute), or None; looked up once
+    (a failed import is not retried on every attention call)."""
     if importlib.util.find_spec("flash_attn") is None:
         return None
     try:
