@@ -7,7 +7,7 @@ import pytest
 from gld.config import DataConfig
 from gld.data import s3
 from gld.data.schema import DataError, DatasetMeta
-from gld.data.streaming import build_loader
+from gld.data.streaming import build_dataset, build_loader
 from gld.data.writers import read_meta, read_sequences, write_dataset
 from tests.data_helpers import (NUM_RECORDS, cfg_dict, check_exactly_once, check_resume,
                                 run_ranks, tiny_sequences)
@@ -33,6 +33,36 @@ def test_two_ranks_two_workers_exactly_once_and_resume(s3_shards, source, tmp_pa
     check_exactly_once(results, NUM_RECORDS)
     for res in results:
         check_resume(res, 3)
+
+
+def test_mds_forked_workers_download_through_their_own_connections(s3_shards, tmp_path):
+    """The local leader fetches index.json through each stream's downloader, which keeps the
+    S3 client and its keep-alive connection; forked DataLoader workers inherited both, and two
+    processes on one socket read each other's responses (shard 3's bytes saved as shard 0).
+    A forked process must download through a downloader of its own."""
+    import multiprocessing as mp
+    import os
+
+    cfg = DataConfig(**cfg_dict("mds", [s3_shards["mds"]], num_workers=0,
+                                cache_dir=str(tmp_path / "cache")))
+    records = build_dataset(cfg).records
+    stream = records.streams[0]
+    assert getattr(stream._downloader, "_s3_client", None) is not None  # index.json came here
+
+    def child(q):
+        inherited = stream._downloader  # held, so a new one cannot reuse its address
+        records.prepare_shard(0)
+        path = os.path.join(stream.local, records.shards[0].raw_data.basename)
+        q.put((stream._downloader is not inherited,
+               os.path.getsize(path) == records.shards[0].raw_data.bytes))
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(q,))
+    p.start()
+    got = q.get(timeout=120)
+    p.join(timeout=60)
+    assert p.exitcode == 0 and got == (True, True)
 
 
 def test_s3_round_trip_and_endpoint_from_config(s3_shards, monkeypatch):

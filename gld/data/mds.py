@@ -4,6 +4,13 @@ turns shard failures into DataErrors that name the shard.
 
 Why a subclass: streaming downloads in background threads and, when one fails, its iterator
 simply stops early; `_raise_failure` turns that into an error instead of a short epoch.
+
+Fork safety: each stream's downloader keeps its S3 client (and that client's keep-alive
+connections) from the first download, which is `index.json` in the local leader's main process.
+DataLoader workers are forked from that process and would inherit the client; two workers
+writing requests to one inherited socket read each other's responses, so a worker saved shard 3's
+bytes as `shard.00000.mds`. Every process therefore downloads through its own downloaders
+(`_own_downloaders`).
 """
 from __future__ import annotations
 
@@ -11,6 +18,7 @@ import os
 from typing import Optional
 
 from streaming import StreamingDataset
+from streaming.base.storage.download import CloudDownloader
 
 from gld.data.schema import DataError
 
@@ -20,6 +28,25 @@ __all__ = ["MDSRecords"]
 class MDSRecords(StreamingDataset):
     """StreamingDataset yielding (sample id, where, raw record or DataError), recording the
     epoch it starts and turning shard failures into DataErrors that name the shard."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._gld_pid = os.getpid()  # the process whose downloaders these are
+
+    def _own_downloaders(self) -> None:
+        """Give each stream a fresh downloader when running in a process other than the one that
+        built the dataset (a forked DataLoader worker): the inherited ones hold the parent's
+        open connections. Replaced before the pid is recorded, so a second thread of a new
+        worker never downloads through an inherited one (at worst it replaces them again)."""
+        pid = os.getpid()
+        if self.__dict__.get("_gld_pid") != pid:
+            for stream in self.streams:
+                stream._downloader = CloudDownloader.get(stream.remote)
+            self._gld_pid = pid
+
+    def __iter__(self):
+        self._own_downloaders()  # before streaming starts its download threads
+        yield from super().__iter__()
 
     def _resume_incr_epoch(self):
         epoch, sample_in_epoch = super()._resume_incr_epoch()
@@ -32,6 +59,7 @@ class MDSRecords(StreamingDataset):
         return f"{stream.remote or stream.local}/{shard.raw_data.basename}"
 
     def prepare_shard(self, shard_id: int, blocking: bool = True):
+        self._own_downloaders()
         try:
             out = super().prepare_shard(shard_id, blocking)
         except Exception as e:
