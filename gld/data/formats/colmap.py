@@ -31,10 +31,9 @@ import numpy as np
 import torch
 
 from gld.data.formats.common import (
-    BadSample, Problems, Reader, check_image, decode_rgb, encode_png, finish_sequence,
-    intrinsics, make_frame, natural_key, read_bytes, scale_intrinsics,
+    BadSample, Problems, Reader, check_image, finish_sequence, fit_intrinsics, intrinsics,
+    make_frame, natural_key, read_bytes, undistorted,
 )
-from gld.data.formats.undistort import is_zero, undistort_image
 from gld.data.schema import Sequence
 from gld.geometry.rotations import quat_to_rotmat
 
@@ -240,19 +239,6 @@ class ColmapReader(Reader):
         c2w[:3, 3] = -R.T @ tvec
         path = scene / self.images / name
         data, size, rgb = check_image(read_bytes(path, where), f"{where} {path}")
-        if w0 <= 0 or h0 <= 0:
-            raise BadSample(where, f"camera {cam_id} has size {w0}x{h0}")
-        if (h0, w0) != size:
-            sx, sy = size[1] / w0, size[0] / h0
-            if abs(sx / sy - 1) > 0.02:
-                raise BadSample(where, f"image {path} is {size[1]}x{size[0]}, camera {cam_id} "
-                                f"is {w0}x{h0}: not a whole-image resize")
-            K = scale_intrinsics(K, (h0, w0), size)
-        if not is_zero(dist):
-            if not np.isfinite(list(dist.values())).all():
-                raise BadSample(where, f"non-finite distortion {dist}")
-            if K[0, 0] <= 0 or K[1, 1] <= 0:
-                raise BadSample(where, f"non-positive focal length fx={K[0, 0]}, fy={K[1, 1]}")
-            rgb = decode_rgb(data) if rgb is None else rgb
-            data = encode_png(undistort_image(rgb, K, dist))
+        K = fit_intrinsics(K, (h0, w0), size, where, f"camera {cam_id}", path)
+        data = undistorted(data, rgb, K, dist, where)
         return make_frame(data, K, c2w, index, where, size=size)

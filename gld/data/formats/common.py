@@ -230,3 +230,37 @@ def finish_sequence(scene_id: str, frames: list[Frame], source: str, problems: P
     problems.sequence(BadSample(where, f"only {len(frames)} usable frames "
                                 f"(need {max(problems.min_frames, 1)})"))
     return None
+
+
+def fit_intrinsics(K: np.ndarray, declared_hw: tuple[int, int], size: tuple[int, int],
+                   where: str, declared: str, image: object) -> np.ndarray:
+    """K given for a `declared_hw` (H, W) image, scaled to the image actually read (`size`);
+    refuses sizes that are not a whole-image resize. `declared` names the source of the size
+    in messages (e.g. "camera 1", "transforms.json")."""
+    h0, w0 = declared_hw
+    if w0 <= 0 or h0 <= 0:
+        raise BadSample(where, f"{declared} has a non-positive image size {w0}x{h0}")
+    if (h0, w0) == tuple(size):
+        return K
+    sx, sy = size[1] / w0, size[0] / h0
+    if abs(sx / sy - 1) > 0.02:
+        raise BadSample(where, f"image {image} is {size[1]}x{size[0]} but {declared} says "
+                        f"{w0}x{h0}: "
+                        f"not a whole-image resize")
+    return scale_intrinsics(K, (h0, w0), size)
+
+
+def undistorted(data: bytes, rgb: Optional[np.ndarray], K: np.ndarray, dist: dict,
+                where: str) -> bytes:
+    """Image bytes with OpenCV-model distortion removed (PNG), or `data` unchanged (bit-exact)
+    when every coefficient is zero; K stays the same."""
+    from gld.data.formats.undistort import is_zero, undistort_image
+
+    if is_zero(dist):
+        return data
+    if not np.isfinite(list(dist.values())).all():
+        raise BadSample(where, f"non-finite distortion {dist}")
+    if K[0, 0] <= 0 or K[1, 1] <= 0:
+        raise BadSample(where, f"non-positive focal length fx={K[0, 0]}, fy={K[1, 1]}")
+    rgb = decode_rgb(data) if rgb is None else rgb
+    return encode_png(undistort_image(rgb, K, dist))

@@ -30,10 +30,9 @@ from typing import Iterator, Optional
 import numpy as np
 
 from gld.data.formats.common import (
-    BadSample, Problems, Reader, check_image, decode_rgb, encode_png, finish_sequence,
-    intrinsics, make_frame, natural_key, read_bytes, scale_intrinsics,
+    BadSample, Problems, Reader, check_image, finish_sequence, fit_intrinsics, intrinsics,
+    make_frame, natural_key, read_bytes, undistorted,
 )
-from gld.data.formats.undistort import is_zero, undistort_image
 from gld.data.schema import Sequence
 
 __all__ = ["NerfstudioReader", "OPENGL_TO_OPENCV"]
@@ -136,19 +135,7 @@ class NerfstudioReader(Reader):
         path = self._resolve(scene, str(fm["file_path"]), chosen)
         data, size, rgb = check_image(read_bytes(path, where), f"{where} {path}")
         if cam["w"] is not None and cam["h"] is not None:
-            w0, h0 = int(cam["w"]), int(cam["h"])
-            if w0 <= 0 or h0 <= 0:
-                raise BadSample(where, f"non-positive image size w={w0}, h={h0}")
-            sx, sy = size[1] / w0, size[0] / h0
-            if abs(sx / sy - 1) > 0.02:
-                raise BadSample(where, f"image {path} is {size[1]}x{size[0]} but transforms.json "
-                                f"says {w0}x{h0}: not a whole-image resize")
-            K = scale_intrinsics(K, (h0, w0), size)
-        if not is_zero(dist):
-            if not (np.isfinite(list(dist.values())).all()):
-                raise BadSample(where, f"non-finite distortion {dist}")
-            if K[0, 0] <= 0 or K[1, 1] <= 0:
-                raise BadSample(where, f"non-positive focal length fx={K[0, 0]}, fy={K[1, 1]}")
-            rgb = decode_rgb(data) if rgb is None else rgb
-            data = encode_png(undistort_image(rgb, K, dist))
+            K = fit_intrinsics(K, (int(cam["h"]), int(cam["w"])), size, where,
+                               "transforms.json", path)
+        data = undistorted(data, rgb, K, dist, where)
         return make_frame(data, K, c2w_gl @ OPENGL_TO_OPENCV, index, where, size=size)
