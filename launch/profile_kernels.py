@@ -47,6 +47,8 @@ SWEEP = {  # (block_m, block_n, num_warps, num_stages); dkdv: block_n keys per p
     "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)],
     "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2),
              (64, 128, 8, 2), (32, 128, 4, 4)],
+    "inloop": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
+               (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (128, 32, 8, 4)],
 }
 
 
@@ -109,6 +111,15 @@ def bench(fn, q, k, v, cam, fl):
     def step():
         fn(qg, kg, vg, *cam).backward(do)
     both = do_bench(step, warmup=50, rep=400, grad_to_none=[qg, kg, vg], return_mode="median")
+    with torch.no_grad():   # inference: no graph, nothing saved
+        infer = do_bench(lambda: fn(q, k, v, *cam), warmup=50, rep=300, return_mode="median")
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        o = fn(q, k, v, *cam)
+        torch.cuda.synchronize()
+        peak_infer = torch.cuda.max_memory_allocated() - base
+        del o
     # Peak memory above the inputs (and do).
     for t in (qg, kg, vg):
         t.grad = None
@@ -123,7 +134,8 @@ def bench(fn, q, k, v, cam, fl):
     peak_both = torch.cuda.max_memory_allocated() - base
     del o
     bwd = both - fwd
-    return dict(fwd_ms=fwd, bwd_ms=bwd, both_ms=both, fwd_tflops=fl / fwd * 1e-9,
+    return dict(infer_ms=infer, infer_tflops=fl / infer * 1e-9, peak_infer_mib=peak_infer / 2**20,
+                fwd_ms=fwd, bwd_ms=bwd, both_ms=both, fwd_tflops=fl / fwd * 1e-9,
                 bwd_tflops=2.5 * fl / bwd * 1e-9, both_tflops=3.5 * fl / both * 1e-9,
                 peak_fwd_mib=peak_fwd / 2**20, peak_both_mib=peak_both / 2**20)
 
@@ -144,15 +156,17 @@ def check(shape, dtype):
         o = fn(*ins, w2c, K, patches, image)
         o.backward(do.to(dt))
         res[name] = [o.detach()] + [t.grad for t in ins]
+        with torch.no_grad():   # the inference forward (another kernel: no scratch)
+            res[name].append(fn(*(t.detach() for t in ins), w2c, K, patches, image))
     out = {}
     for name in ("fused", "reference"):
-        out[name] = {n: rel(a, b) for n, a, b in zip(("o", "dq", "dk", "dv"), res[name],
-                                                       res["fp64"])}
+        out[name] = {n: rel(a, b) for n, a, b in zip(("o", "dq", "dk", "dv", "o_infer"),
+                                                       res[name], res["fp64"][:4] + [res["fp64"][0]])}
     out["ratio"] = {n: out["fused"][n] / out["reference"][n] for n in out["fused"]}
     return out
 
 
-def sweep(shape, dtype, log):
+def sweep(shape, dtype, log, kinds=None):
     """Time each kernel alone for each config; keep the fastest per (kernel, padded d)."""
     from triton.testing import do_bench
     q, k, v, w2c, K, patches, image = make(shape, dtype, seed=2)
@@ -167,11 +181,14 @@ def sweep(shape, dtype, log):
     delta = torch.empty_like(lse)
     dk, dv = kp.clone(), vp.clone()
     runs = {"fwd": lambda: pt._launch_fwd(q, kp, vp, o, lse, g),
+            "inloop": lambda: pt._launch_fwd_inloop(q, k, v, o, lse, g, patches),
             "dq": lambda: pt._launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g),
             "dkdv": lambda: pt._launch_dkdv(qp, dop, dk, dv, lse, delta)}
     best = {}
     fl = flops(shape)
     for kind, cfgs in SWEEP.items():
+        if kinds and kind not in kinds:
+            continue
         for c in cfgs:
             cfg = pt.FusedConfig(*c)
             pt.set_config(kind, dp, cfg)
@@ -185,7 +202,7 @@ def sweep(shape, dtype, log):
                 log.append(dict(kind=kind, d=d, cfg=c, error=repr(e)[:200]))
                 print(f"sweep {kind} d={d} {c}: {repr(e)[:120]}", flush=True)
                 continue
-            share = {"fwd": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
+            share = {"fwd": 1.0, "inloop": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
             log.append(dict(kind=kind, d=d, cfg=c, ms=ms, compile_s=compile_s,
                             tflops=share * fl / ms * 1e-9))
             print(f"sweep {kind} d={d} {c}: {ms:.3f} ms {share * fl / ms * 1e-9:.0f} TFLOP/s "
@@ -210,15 +227,17 @@ def env_info():
 
 
 def table(results):
-    lines = ["| shape | backend | fwd TFLOP/s | bwd TFLOP/s | fwd+bwd TFLOP/s | fwd ms | "
-             "fwd+bwd ms | peak fwd MiB | peak fwd+bwd MiB |", "|" + "---|" * 9]
+    lines = ["| shape | backend | inference fwd TFLOP/s | fwd TFLOP/s | bwd TFLOP/s | "
+             "fwd+bwd TFLOP/s | inference fwd ms | fwd ms | fwd+bwd ms | peak inference fwd MiB | "
+             "peak fwd MiB | peak fwd+bwd MiB |", "|" + "---|" * 12]
     for shape, rows in results.items():
         for name, r in rows.items():
             if "error" in r:
-                lines.append(f"| {shape} | {name} | error: {r['error'][:60]} |||||||")
+                lines.append(f"| {shape} | {name} | error: {r['error'][:60]} ||||||||||")
                 continue
-            lines.append(f"| {shape} | {name} | {r['fwd_tflops']:.0f} | {r['bwd_tflops']:.0f} | "
-                         f"{r['both_tflops']:.0f} | {r['fwd_ms']:.3f} | {r['both_ms']:.3f} | "
+            lines.append(f"| {shape} | {name} | {r['infer_tflops']:.0f} | {r['fwd_tflops']:.0f} | "
+                         f"{r['bwd_tflops']:.0f} | {r['both_tflops']:.0f} | {r['infer_ms']:.3f} | "
+                         f"{r['fwd_ms']:.3f} | {r['both_ms']:.3f} | {r['peak_infer_mib']:.0f} | "
                          f"{r['peak_fwd_mib']:.0f} | {r['peak_both_mib']:.0f} |")
     return "\n".join(lines)
 
@@ -232,6 +251,8 @@ def main():
     ap.add_argument("--sweep", action="store_true", help="pick block configs per head dim")
     ap.add_argument("--sweep-shapes", default="d64,head_d128",
                     help="shapes to sweep on (configs are per padded head dim: d48 runs as 64)")
+    ap.add_argument("--sweep-kinds", default="", help="kernels to sweep (default all): "
+                    + ",".join(SWEEP))
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -250,7 +271,8 @@ def main():
     if args.sweep:
         report["sweep_log"], report["configs"] = [], {}
         for name in args.sweep_shapes.split(","):
-            best = sweep(SHAPES[name], dtype, report["sweep_log"])
+            best = sweep(SHAPES[name], dtype, report["sweep_log"],
+                         [x for x in args.sweep_kinds.split(",") if x])
             report["configs"][SHAPES[name][2]] = best
             print("best", name, best, flush=True)
             save()
