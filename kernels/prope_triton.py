@@ -62,6 +62,11 @@ __all__ = ["prope_attention", "FusedConfig", "supported", "interpreted", "set_co
            "set_forward"]
 
 LOG2E = 1.4426950408889634
+try:
+    from triton.tools.tensor_descriptor import TensorDescriptor as _TensorDescriptor
+except ImportError:   # older triton: pointer loads only
+    _TensorDescriptor = None
+_TMA = True   # benchmarks switch it off to compare
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,15 +105,15 @@ def _geometry_kernel(W2C, KI, MATS, BV, inv_h, inv_w):
 
 
 @triton.jit
-def _xform(x, tok, ok, mat, CT, ST, NV, D: tl.constexpr, DP: tl.constexpr, INV: tl.constexpr,
-           XPREC: tl.constexpr):
+def _xform(x, tok, ok, mat, CS, SN, NV, PW, PMAX, D: tl.constexpr, DP: tl.constexpr,
+           INV: tl.constexpr, XPREC: tl.constexpr):
     """Per-token transform of the fp32 register tile x (BT, DP), row r = token tok[r]:
     columns [0, D/2) in 4-chunks times M[camera] (out_i = sum_j M[i, j] x_j, M 4x4 row-major at
     mat + 16 * camera), columns [D/2, D) rotated by the token's RoPE angles (forward
     [a cos + b sin, -a sin + b cos], or the inverse if INV); columns >= D are 0.
     No gathers: the camera part is x @ blockdiag(M^T) (one dot per camera present in the tile,
     at most 2 when the tile is not longer than a view), the RoPE partner swap x @ (signed
-    permutation), cos/sin from (NV, DP) tables (CT: cos, 0 off RoPE; ST: forward-signed sin)."""
+    permutation), cos/sin gathered from the (2, PMAX, D/8) x / y angle tables (a few KiB: L1)."""
     HALF: tl.constexpr = D // 2
     Q4: tl.constexpr = D // 4
     Q8: tl.constexpr = D // 8
@@ -116,13 +121,15 @@ def _xform(x, tok, ok, mat, CT, ST, NV, D: tl.constexpr, DP: tl.constexpr, INV: 
     c = tl.arange(0, DP)[None, :]
     okr = ok[:, None]
     cam = tok // NV
-    tab = (tok % NV)[:, None] * DP + c
-    cs = tl.load(CT + tab, mask=okr, other=0.0)
-    sn = tl.load(ST + tab, mask=okr, other=0.0)
-    if INV:
-        sn = -sn
     rope = (c >= HALF) & (c < D)
-    is_a = (tl.where(rope, c - HALF, 0) % Q4) < Q8
+    rel = tl.where(rope, c - HALF, 0)
+    is_a = (rel % Q4) < Q8
+    t = (tok % NV)[:, None]
+    xy = rel // Q4
+    tab = xy * (PMAX * Q8) + tl.where(xy == 0, t % PW, t // PW) * Q8 + rel % Q8
+    cs = tl.load(CS + tab, mask=okr & rope, other=0.0)
+    sn = tl.load(SN + tab, mask=okr & rope, other=0.0)
+    sn = tl.where(is_a != INV, sn, -sn)
     swap = ((ri == tl.where(is_a, c + Q8, c - Q8)) & rope).to(tl.float32)
     y = x * cs + tl.dot(x, swap, input_precision=XPREC) * sn
     blk = ((ri // 4) == (c // 4)) & (c < HALF)
@@ -136,7 +143,8 @@ def _xform(x, tok, ok, mat, CT, ST, NV, D: tl.constexpr, DP: tl.constexpr, INV: 
 
 
 @triton.jit
-def _xform_kernel(X, Y, MAT, CT, ST, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, NV, NVIEW,
+def _xform_kernel(X, Y, MAT, CT, ST, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, NV, NVIEW, PW,
+                  PMAX,
                   D: tl.constexpr, DP: tl.constexpr, BT: tl.constexpr, INV: tl.constexpr,
                   XPREC: tl.constexpr):
     """Y = transform(X) for every token (the pre-pass)."""
@@ -150,20 +158,23 @@ def _xform_kernel(X, Y, MAT, CT, ST, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, 
     mask = ok[:, None] & (c < D)
     x = tl.load(X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + t64 * s_xn + c, mask=mask,
                 other=0.0).to(tl.float32)
-    y = _xform(x, tok, ok, MAT + b * NVIEW * 16, CT, ST, NV, D, DP, INV, XPREC)
+    y = _xform(x, tok, ok, MAT + b * NVIEW * 16, CT, ST, NV, PW, PMAX, D, DP, INV, XPREC)
     tl.store(Y + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh + t64 * s_yn + c,
              y.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
-def _fwd_block(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, lo, hi, N, qk_scale,
+def _fwd_block(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, lo, hi, N, qk_scale, KD, VD, bh,
                D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
-               MPREC: tl.constexpr):
+               MPREC: tl.constexpr, TMA: tl.constexpr):
     c = tl.arange(0, DP)[None, :]
     for start in range(lo, hi, BN):
         key = start + tl.arange(0, BN)
         kmask = (key < N)[:, None] & (c < D)
-        k = tl.load(k_base + key.to(tl.int64)[:, None] * s_kn + c, mask=kmask, other=0.0)
+        if TMA:   # (B*h, N, d) descriptors: rows >= N and columns >= d read as zeros
+            k = KD.load([bh, start, 0]).reshape(BN, DP)
+        else:
+            k = tl.load(k_base + key.to(tl.int64)[:, None] * s_kn + c, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=MPREC)
         if MASK:
             s = tl.where((key < N)[None, :], s, float("-inf"))
@@ -171,20 +182,24 @@ def _fwd_block(acc, l_i, m_i, q, k_base, v_base, s_kn, s_vn, lo, hi, N, qk_scale
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = tl.load(v_base + key.to(tl.int64)[:, None] * s_vn + c, mask=kmask, other=0.0)
+        if TMA:
+            v = VD.load([bh, start, 0]).reshape(BN, DP)
+        else:
+            v = tl.load(v_base + key.to(tl.int64)[:, None] * s_vn + c, mask=kmask, other=0.0)
         acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=MPREC)
         m_i = m_new
     return acc, l_i, m_i
 
 
 @triton.jit
-def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, CT, ST,
+def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, CT, ST, KD, VD,
                s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_ob, s_oh, s_on,
-               NH, N, NV, NVIEW, qk_scale,
+               NH, N, NV, NVIEW, PW, PMAX, qk_scale,
                D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-               MPREC: tl.constexpr, XPREC: tl.constexpr):
+               MPREC: tl.constexpr, XPREC: tl.constexpr, TMA: tl.constexpr):
     """o for one query block: q transformed as it is loaded, keys/values primed (KP, VP: k', v'
-    with strides s_k*), o = D o' transformed in registers as it is stored."""
+    with strides s_k*; or, if TMA, the tensor descriptors KD, VD over them), o = D o'
+    transformed in registers as it is stored."""
     bh = tl.program_id(1)
     b = bh // NH
     h = bh % NH
@@ -196,7 +211,8 @@ def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, CT, ST,
     q = tl.load(Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + t64 * s_qn + c, mask=mask,
                 other=0.0).to(tl.float32)
     mats = b * NVIEW * 16
-    q = _xform(q, tok, ok, MQ + mats, CT, ST, NV, D, DP, False, XPREC).to(KP.dtype.element_ty)
+    q = _xform(q, tok, ok, MQ + mats, CT, ST, NV, PW, PMAX, D, DP, False,
+               XPREC).to(KP.dtype.element_ty)
     k_base = KP + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
     v_base = VP + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
 
@@ -205,11 +221,11 @@ def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, CT, ST,
     acc = tl.zeros([BM, DP], tl.float32)
     n_full = (N // BN) * BN
     acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, s_kn, s_kn, 0, n_full, N,
-                               qk_scale, D, DP, BN, False, MPREC)
+                               qk_scale, KD, VD, bh, D, DP, BN, False, MPREC, TMA)
     acc, l_i, m_i = _fwd_block(acc, l_i, m_i, q, k_base, v_base, s_kn, s_kn, n_full, N, N,
-                               qk_scale, D, DP, BN, True, MPREC)
+                               qk_scale, KD, VD, bh, D, DP, BN, True, MPREC, TMA)
     tl.store(LSE + bh.to(tl.int64) * N + tok, m_i + tl.log2(l_i), mask=ok)
-    o = _xform(acc / l_i[:, None], tok, ok, MO + mats, CT, ST, NV, D, DP, True, XPREC)
+    o = _xform(acc / l_i[:, None], tok, ok, MO + mats, CT, ST, NV, PW, PMAX, D, DP, True, XPREC)
     tl.store(O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t64 * s_on + c,
              o.to(O.dtype.element_ty), mask=mask)
 
@@ -237,7 +253,7 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, lo, hi, N, qk_scale,
 @triton.jit
 def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, CT, ST,
                   s_pb, s_ph, s_pn, s_kb, s_kh, s_kn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
-                  s_gb, s_gh, s_gn, NH, N, NV, NVIEW, qk_scale, sm_scale,
+                  s_gb, s_gh, s_gn, NH, N, NV, NVIEW, PW, PMAX, qk_scale, sm_scale,
                   D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
                   MPREC: tl.constexpr, XPREC: tl.constexpr):
     """dq for one query block from q', do' (QP, DOP: strides s_p*) and k', v' (KP, VP: strides
@@ -270,7 +286,8 @@ def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, CT, ST,
                    D, DP, BN, False, MPREC)
     dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, n_full, N, N, qk_scale,
                    D, DP, BN, True, MPREC)
-    dq = _xform(dq * sm_scale, tok, ok, MO + b * NVIEW * 16, CT, ST, NV, D, DP, True, XPREC)
+    dq = _xform(dq * sm_scale, tok, ok, MO + b * NVIEW * 16, CT, ST, NV, PW, PMAX, D, DP, True,
+                XPREC)
     tl.store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + t64 * s_gn + c,
              dq.to(DQ.dtype.element_ty), mask=mask)
 
@@ -558,24 +575,15 @@ def interpreted() -> bool:
 @dataclass
 class _Geometry:
     mats: Tensor     # (4, B, V, 4, 4) fp32: P^T (q, do), P^-1 (k, v), P (o, dq), P^-T (dk, dv)
-    ct: Tensor       # (ph*pw, dp) fp32 cos of each RoPE column's angle, 0 elsewhere
-    st: Tensor       # (ph*pw, dp) fp32 sin, signed for the forward rotation (+ on a, - on b)
+    ct: Tensor       # (2, pmax, d/8) fp32 cos of the x (by column) and y (by row) angles
+    st: Tensor       # (2, pmax, d/8) fp32 sin of the same
     views: int
     per_view: int
+    pw: int          # patch columns per view
+    pmax: int        # max(ph, pw): rows of the angle tables
 
 
 QT, KV, OUT, GKV = range(4)
-
-
-@functools.lru_cache(maxsize=64)
-def _rope_columns(patches: tuple[int, int], d: int, device: torch.device) -> tuple[Tensor, Tensor]:
-    """cos / signed sin per (pixel, column), columns [d/2, d): x a-half, x b-half, y a, y b."""
-    cx, sx, cy, sy = rope_tables(patches, d, torch.float32, device)
-    zeros = torch.zeros(cx.shape[0], d // 2, device=device)
-    pad = torch.zeros(cx.shape[0], _padded(d) - d, device=device)
-    ct = torch.cat([zeros, cx, cx, cy, cy, pad], 1).contiguous()
-    st = torch.cat([zeros, sx, -sx, sy, -sy, pad], 1).contiguous()
-    return ct, st
 
 
 def _geometry(w2c: Tensor, K: Tensor, patches, image_size, d: int, device) -> _Geometry:
@@ -584,8 +592,8 @@ def _geometry(w2c: Tensor, K: Tensor, patches, image_size, d: int, device) -> _G
     _geometry_kernel[(B * V,)](w2c.detach().to(device, torch.float32).contiguous(),
                                K.detach().to(device, torch.float32).contiguous(), mats, B * V,
                                1.0 / image_size[0], 1.0 / image_size[1])
-    ct, st = _rope_columns(tuple(patches), d, torch.device(device))
-    return _Geometry(mats, ct, st, V, ct.shape[0])
+    ct, st, pmax = _rope_pairs_tables(tuple(patches), d, torch.device(device))
+    return _Geometry(mats, ct, st, V, patches[0] * patches[1], patches[1], pmax)
 
 
 def _dense(x: Tensor) -> Tensor:
@@ -655,22 +663,35 @@ def _transform(x: Tensor, y: Tensor, g: _Geometry, which: int, inverse: bool) ->
     launch = {} if not x.is_cuda else dict(num_warps=4)
     _xform_kernel[(triton.cdiv(N, bt), B * H)](
         x, y, g.mats[which], g.ct, g.st, x.stride(0), x.stride(1), x.stride(2),
-        y.stride(0), y.stride(1), y.stride(2), H, N, g.per_view, g.views,
+        y.stride(0), y.stride(1), y.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax,
         D=d, DP=_padded(d), BT=bt, INV=inverse, XPREC=_precisions(x.dtype, not x.is_cuda)[1],
         **launch)
+
+
+def _use_tma(x: Tensor) -> bool:
+    """TMA descriptors for the forward's k' / v' loads (contiguous scratch on a Hopper+ GPU)."""
+    return (_TMA and x.is_cuda and x.is_contiguous() and _TensorDescriptor is not None
+            and torch.cuda.get_device_capability(x.device)[0] >= 9)
 
 
 def _launch_fwd(q, kp, vp, o, lse, g: _Geometry) -> None:
     B, H, N, d = q.shape
     assert kp.stride() == vp.stride()
+    tma = _use_tma(kp)
 
     def launch_with(cfg):
+        if tma:
+            kd, vd = (_TensorDescriptor(x, [B * H, N, d], [N * d, d, 1], [1, cfg.block_n,
+                                                                         _padded(d)])
+                      for x in (kp, vp))
+        else:
+            kd, vd = kp, vp
         _prope_fwd[(triton.cdiv(N, cfg.block_m), B * H)](
-            q, kp, vp, o, lse, g.mats[QT], g.mats[OUT], g.ct, g.st,
+            q, kp, vp, o, lse, g.mats[QT], g.mats[OUT], g.ct, g.st, kd, vd,
             q.stride(0), q.stride(1), q.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
-            o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views,
+            o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax,
             LOG2E / math.sqrt(d), D=d, DP=_padded(d), BM=cfg.block_m, BN=cfg.block_n,
-            **_precs(q), **_launch(q, cfg))
+            TMA=tma, **_precs(q), **_launch(q, cfg))
     _with_fallback("fwd", q, launch_with)
 
 
@@ -699,7 +720,7 @@ def _half_blocks(d: int) -> tuple[int, int]:
 def _launch_fwd_inloop(q, k, v, o, lse, g: _Geometry, patches) -> None:
     B, H, N, d = q.shape
     assert k.stride() == v.stride()
-    cos, sin, pmax = _rope_pairs_tables(tuple(patches), d, q.device)
+    cos, sin, pmax = g.ct, g.st, g.pmax
     dh, dh2 = _half_blocks(d)
 
     def launch_with(cfg):
@@ -746,7 +767,7 @@ def _launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g: _Geometry) -> None:
             qp, dop, kp, vp, o, do, dq, lse, delta, g.mats[OUT], g.ct, g.st,
             qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
             o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
-            dq.stride(0), dq.stride(1), dq.stride(2), H, N, g.per_view, g.views,
+            dq.stride(0), dq.stride(1), dq.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax,
             LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), D=d, DP=_padded(d), BM=cfg.block_m,
             BN=cfg.block_n, **_precs(qp), **_launch(qp, cfg))
     _with_fallback("dq", qp, launch_with)
