@@ -524,9 +524,10 @@ _DEFAULTS = {
     "fwd": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 128, 8, 3)},
     "dq": {64: FusedConfig(128, 64, 4, 3), 128: FusedConfig(128, 64, 8, 3)},
     "dkdv": {64: FusedConfig(32, 128, 4, 4), 128: FusedConfig(64, 128, 8, 3)},
-    "inloop": {64: FusedConfig(128, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)},
+    "inloop": {64: FusedConfig(128, 32, 8, 4), 128: FusedConfig(128, 64, 8, 4)},
 }
 _XFORM_BLOCK = 64
+_XFORM_WARPS = 4
 _overrides: dict = {}
 
 
@@ -660,7 +661,7 @@ def _transform(x: Tensor, y: Tensor, g: _Geometry, which: int, inverse: bool) ->
     registers before it writes them)."""
     B, H, N, d = x.shape
     bt = 16 if not x.is_cuda else _XFORM_BLOCK
-    launch = {} if not x.is_cuda else dict(num_warps=4)
+    launch = {} if not x.is_cuda else dict(num_warps=_XFORM_WARPS)
     _xform_kernel[(triton.cdiv(N, bt), B * H)](
         x, y, g.mats[which], g.ct, g.st, x.stride(0), x.stride(1), x.stride(2),
         y.stride(0), y.stride(1), y.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax,
@@ -831,7 +832,7 @@ class _PRoPEAttention(torch.autograd.Function):
 
 # Which forward runs: "inloop" (no scratch) or "prepass" (k', v' transient scratch), for calls
 # that record a graph for the backward ("train") and for the rest ("infer").
-_FORWARD = {"train": "prepass", "infer": "inloop"}
+_FORWARD = {"train": "prepass", "infer": "prepass"}
 
 
 def set_forward(train: Optional[str] = None, infer: Optional[str] = None) -> None:

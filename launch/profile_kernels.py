@@ -214,12 +214,22 @@ def sweep(shape, dtype, log, kinds=None):
         pt.set_config(kind, dp, pt.FusedConfig(*best[kind][0]) if kind in best else None)
         if kind in best:
             pt._TMA = best[kind][2]
-    # the transform pre-pass alone (one tensor)
-    ms = do_bench(lambda: pt._transform(k, kp, g, pt.KV, False), warmup=25, rep=100,
-                  return_mode="median")
-    gbs = 2 * k.numel() * k.element_size() / ms * 1e-6
-    log.append(dict(kind="xform", d=d, ms=ms, gbs=gbs))
-    print(f"xform d={d}: {ms:.3f} ms {gbs:.0f} GB/s", flush=True)
+    # the transform pass alone (one tensor), per (tokens per program, warps)
+    xf = []
+    for bt, warps in ((64, 4), (32, 4), (128, 4), (64, 8), (128, 8), (32, 2)):
+        pt._XFORM_BLOCK, pt._XFORM_WARPS = bt, warps
+        try:
+            ms = do_bench(lambda: pt._transform(k, kp, g, pt.KV, False), warmup=25, rep=100,
+                          return_mode="median")
+        except Exception as e:
+            print(f"xform d={d} {bt} {warps}: {repr(e)[:120]}", flush=True)
+            continue
+        gbs = 2 * k.numel() * k.element_size() / ms * 1e-6
+        log.append(dict(kind="xform", d=d, block=bt, warps=warps, ms=ms, gbs=gbs))
+        print(f"xform d={d} tokens {bt} warps {warps}: {ms:.3f} ms {gbs:.0f} GB/s", flush=True)
+        xf.append((ms, bt, warps))
+    if xf:
+        _, pt._XFORM_BLOCK, pt._XFORM_WARPS = min(xf)
     return {k2: (v2[0], v2[2]) for k2, v2 in best.items()}
 
 

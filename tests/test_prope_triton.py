@@ -75,16 +75,22 @@ def test_interp_matches_reference(d, V, patches):
 
 
 @interp
+@pytest.mark.parametrize("kind", ["inloop", "prepass"])
 @pytest.mark.parametrize("d", [16, 48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
-def test_interp_inference_forward_matches_reference(d, V, patches):
-    """No-grad calls run the in-loop kernel (no scratch): o within 1e-4 of float64, and its LSE
-    equal to the training forward's (the backward reads it)."""
+def test_interp_inference_forward_matches_reference(kind, d, V, patches):
+    """No-grad calls (either forward kernel): o within 1e-4 of float64; the in-loop kernel's LSE
+    equals the training forward's (the backward reads it)."""
     image = (14 * patches[0], 14 * patches[1])
     q, k, v, w2c, K = make_inputs(B=2, h=2, V=V, patches=patches, d=d, image=image, seed=d + 1)
-    with torch.no_grad():
-        o = prope_attention(q.float(), k.float(), v.float(), w2c.float(), K.float(), patches,
-                            image)
+    prev = dict(prope_triton._FORWARD)
+    prope_triton.set_forward(infer=kind)
+    try:
+        with torch.no_grad():
+            o = prope_attention(q.float(), k.float(), v.float(), w2c.float(), K.float(), patches,
+                                image)
+    finally:
+        prope_triton._FORWARD.update(prev)
     r = prope_attention_ref(q, k, v, w2c, K, patches, image)
     assert rel(o, r) <= 1e-4, rel(o, r)
     g = prope_triton._geometry(w2c.float(), K.float(), patches, image, d, q.device)
