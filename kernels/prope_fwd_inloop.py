@@ -26,6 +26,19 @@ Math (reference.md section 3; q' = D^T q, k' = D^-1 k, v' = D^-1 v, o = D o'):
   products are formed on the host in float64 from `g.mats`.
 - Key loops per camera (blocks start at the camera's first token; a masked tail block when BN
   does not divide the tokens per view).
+- d = 48 (d/8 = 6): padded column map (each a / b block of 6 padded to 8, camera half of 24 to
+  32); pads read a real column (aligned 4-byte pairs, so cp.async still applies) and are made
+  harmless by the math (see `_cols`).
+
+SASS of the full-tile main loop (sm_90a, Triton 3.6 / ptxas, bf16, d = 64; per thread, per
+tile), against `_prope_fwd` (TMA=False) at its H100 config 128x64, 4 warps, 4 stages:
+  prepass 128x64/4w/4s: 539 instr, 16 HGMMA.64x64x16 (QK 8 + PV 8), 3 WARPGROUP, 2 BAR, 8 LDGSTS
+  merged  128x64/4w/4s: 766 instr, 16 HGMMA.64x64x16, 4 WARPGROUP, 4 BAR, 12 LDGSTS, 29 LDS,
+                        16 STS (rotated K/V back to shared memory), no spills in the loop
+  merged  256x64/8w/3s: 614 instr for twice the query rows (9.6 instr-threads per (q, k) pair
+                        against the prepass's 8.4, 128x64/4w's 12.0)
+The extra work per tile is the K/V round trip shared -> registers -> rotate -> shared (two
+more barriers) and the cos/sin loads; per query row it shrinks with BM.
 """
 from __future__ import annotations
 
@@ -116,8 +129,15 @@ def _cols(D: tl.constexpr, DP: tl.constexpr, Q8: tl.constexpr, Q8P: tl.constexpr
     else:
         ab = s // Q8P
         f = s % Q8P
-    col = tl.where(p < H2, p, D // 2 + xy * (D // 4) + ab * Q8 + f)
     valid = tl.where(p < H2, p < D // 2, f < Q8)
+    # Padding columns read a real column instead (finite data, so no column mask on k, v):
+    # RoPE pads are zeroed by the rotation (cos = sin = 0 there), camera pads meet zero q
+    # columns and zero rows of the frame-change matrices. With D/8 even, columns come in
+    # aligned pairs (4-byte cp.async).
+    col = tl.where(p < H2, tl.where(p < D // 2, p, p - (H2 - D // 2)),
+                   D // 2 + xy * (D // 4) + ab * Q8 + tl.where(f < Q8, f, f - (Q8P - Q8)))
+    if ORDER == 0 and Q8 % 2 == 0:
+        col = tl.max_contiguous(tl.multiple_of(col, [1, 2]), [1, 2])
     return col, valid
 
 
@@ -174,11 +194,8 @@ def _merged_keys(acc, l_i, m_i, q, k_base, v_base, s_kn, lo, hi, kend, t0, kcol,
         key = start + tl.arange(0, BN)
         kok = key < kend
         k64 = key.to(tl.int64)[:, None] * s_kn
-        if GATHER:
-            kmask = kok[:, None] & kvalid
-        else:
-            kmask = kok[:, None] & (kcol >= 0)
-        if GATHER or MASK:
+        kmask = kok[:, None] & (kcol >= 0)
+        if MASK:
             k = tl.load(k_base + k64 + kcol, mask=kmask, other=0.0)
         else:
             k = tl.load(k_base + k64 + kcol)
@@ -191,7 +208,7 @@ def _merged_keys(acc, l_i, m_i, q, k_base, v_base, s_kn, lo, hi, kend, t0, kcol,
         p = tl.exp2(s * qk_scale - m_new[:, None])
         alpha = tl.exp2(m_i - m_new)
         l_i = l_i * alpha + tl.sum(p, 1)
-        if GATHER or MASK:
+        if MASK:
             v = tl.load(v_base + k64 + kcol, mask=kmask, other=0.0)
         else:
             v = tl.load(v_base + k64 + kcol)
@@ -264,14 +281,19 @@ def _prope_fwd_merged(Q, K, V, O, LSE, MQ, MSW, MEND, CS, SN,
 # ----------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------
-# (BM, BN, warps, stages) to time on the H100, per padded head dim.
+# (BM, BN, warps, stages) to time on the H100, per head dim d (48 runs padded to 64). Ranked by
+# the main loop's SASS per (query, key) pair (sm_90a, Triton 3.6; see the module's notes):
+# BM = 256 on 8 warps halves the per-key rotation work per query row.
 SWEEP_CONFIGS = {
-    64: [(128, 64, 4, 3), (128, 64, 4, 4), (128, 64, 8, 3), (128, 64, 8, 4),
-         (128, 32, 4, 4), (128, 128, 8, 3), (64, 64, 4, 4), (128, 32, 8, 4)],
+    64: [(256, 64, 8, 3), (256, 64, 8, 2), (256, 32, 8, 3), (128, 64, 4, 4),
+         (128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 32, 4, 4)],
+    48: [(256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 4, 4), (128, 64, 8, 3)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
-DEFAULTS = {16: FusedConfig(64, 64, 4, 3), 32: FusedConfig(128, 64, 4, 3),
-            64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 64, 8, 3)}
+# Default per padded head dim (untimed guesses from the SASS; replace after the sweep).
+DEFAULTS = {16: FusedConfig(128, 64, 4, 3), 32: FusedConfig(128, 64, 4, 3),
+            64: FusedConfig(256, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)}
+_FALLBACKS = (FusedConfig(128, 64, 8, 2), FusedConfig(64, 64, 4, 2), FusedConfig(32, 32, 4, 1))
 
 
 def merged_order(d: int) -> tuple[int, bool]:
@@ -310,15 +332,21 @@ def forward_merged(q: Tensor, k: Tensor, v: Tensor, g: _Geometry, patches,
     mprec, xprec = _precisions(q.dtype, not q.is_cuda)
     aprec = xprec if xprec == "ieee" else "tf32x3"
     if not q.is_cuda:
-        cfg, launch = FusedConfig(16, 16, 1, 1), {}
+        cfgs = [FusedConfig(16, 16, 1, 1)]
     else:
-        cfg = cfg or DEFAULTS.get(dp, DEFAULTS[64])
-        launch = dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
-    _prope_fwd_merged[(triton.cdiv(N, cfg.block_m), B * H)](
-        q, k, v, o, lse, mq, msw, mend, cos, sin,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, patches[1], pmax,
-        LOG2E / math.sqrt(d), D=d, DP=dp, Q8=d // 8, Q8P=dp // 8, BM=cfg.block_m,
-        BN=cfg.block_n, ORDER=ordr, GATHER=gather, MPREC=mprec, XPREC=xprec, APREC=aprec,
-        **launch)
+        cfgs = [cfg or DEFAULTS.get(dp, DEFAULTS[64])] + list(_FALLBACKS)
+    for i, c in enumerate(cfgs):
+        launch = {} if not q.is_cuda else dict(num_warps=c.num_warps, num_stages=c.num_stages)
+        try:
+            _prope_fwd_merged[(triton.cdiv(N, c.block_m), B * H)](
+                q, k, v, o, lse, mq, msw, mend, cos, sin,
+                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+                o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, patches[1],
+                pmax, LOG2E / math.sqrt(d), D=d, DP=dp, Q8=d // 8, Q8P=dp // 8, BM=c.block_m,
+                BN=c.block_n, ORDER=ordr, GATHER=gather, MPREC=mprec, XPREC=xprec, APREC=aprec,
+                **launch)
+            break
+        except triton.runtime.errors.OutOfResources:
+            if i == len(cfgs) - 1:
+                raise
     return o, lse
