@@ -525,6 +525,7 @@ _DEFAULTS = {
     "dq": {64: FusedConfig(128, 64, 4, 3), 128: FusedConfig(128, 64, 8, 3)},
     "dkdv": {64: FusedConfig(32, 128, 4, 4), 128: FusedConfig(64, 128, 8, 3)},
     "inloop": {64: FusedConfig(128, 32, 8, 4), 128: FusedConfig(128, 64, 8, 4)},
+    "merged": {64: FusedConfig(256, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)},
 }
 _XFORM_BLOCK = 64
 _XFORM_WARPS = 4

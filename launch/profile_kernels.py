@@ -29,6 +29,7 @@ import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 import torch.nn.functional as F
 
+from kernels import prope_fwd_inloop as fm
 from kernels import prope_triton as pt
 from kernels.attention import _flash_attn, flash_attn_available
 from kernels.prope_ref import prope_attention_ref
@@ -181,11 +182,14 @@ def sweep(shape, dtype, log, kinds=None):
     dk, dv = kp.clone(), vp.clone()
     runs = {"fwd": lambda: pt._launch_fwd(q, kp, vp, o, lse, g),
             "inloop": lambda: pt._launch_fwd_inloop(q, k, v, o, lse, g, patches),
+            "merged": lambda: fm.forward_merged(q, k, v, g, patches, cfg=pt._config("merged", d,
+                                                                                   False)),
             "dq": lambda: pt._launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g),
             "dkdv": lambda: pt._launch_dkdv(qp, dop, dk, dv, lse, delta)}
     best = {}
     fl = flops(shape)
-    for kind, cfgs in SWEEP.items():
+    sweeps = dict(SWEEP, merged=fm.SWEEP_CONFIGS.get(d, fm.SWEEP_CONFIGS[dp]))
+    for kind, cfgs in sweeps.items():
         if kinds and kind not in kinds:
             continue
         tma_choices = (True, False) if kind == "fwd" else (pt._TMA,)
@@ -204,7 +208,7 @@ def sweep(shape, dtype, log, kinds=None):
                 log.append(dict(kind=kind, d=d, cfg=c, tma=tma, error=repr(e)[:200]))
                 print(f"sweep {kind} d={d} {c} tma={tma}: {repr(e)[:120]}", flush=True)
                 continue
-            share = {"fwd": 1.0, "inloop": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
+            share = {"fwd": 1.0, "inloop": 1.0, "merged": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
             log.append(dict(kind=kind, d=d, cfg=c, tma=tma, ms=ms, compile_s=compile_s,
                             tflops=share * fl / ms * 1e-9))
             print(f"sweep {kind} d={d} {c} tma={tma}: {ms:.3f} ms "
