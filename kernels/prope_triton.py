@@ -231,15 +231,19 @@ def _prope_fwd(Q, KP, VP, O, LSE, MQ, MO, CT, ST, KD, VD,
 
 
 @triton.jit
-def _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, lo, hi, N, qk_scale,
+def _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, lo, hi, N, qk_scale, KD, VD, bh,
               D: tl.constexpr, DP: tl.constexpr, BN: tl.constexpr, MASK: tl.constexpr,
-              MPREC: tl.constexpr):
+              MPREC: tl.constexpr, TMA: tl.constexpr):
     c = tl.arange(0, DP)[None, :]
     for start in range(lo, hi, BN):
         key = start + tl.arange(0, BN)
         kmask = (key < N)[:, None] & (c < D)
-        k = tl.load(k_base + key.to(tl.int64)[:, None] * s_kn + c, mask=kmask, other=0.0)
-        v = tl.load(v_base + key.to(tl.int64)[:, None] * s_kn + c, mask=kmask, other=0.0)
+        if TMA:
+            k = KD.load([bh, start, 0]).reshape(BN, DP)
+            v = VD.load([bh, start, 0]).reshape(BN, DP)
+        else:
+            k = tl.load(k_base + key.to(tl.int64)[:, None] * s_kn + c, mask=kmask, other=0.0)
+            v = tl.load(v_base + key.to(tl.int64)[:, None] * s_kn + c, mask=kmask, other=0.0)
         s = tl.dot(q, tl.trans(k), input_precision=MPREC)
         p = tl.exp2(s * qk_scale - lse[:, None])
         if MASK:
@@ -251,11 +255,11 @@ def _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, lo, hi, N, qk_scale,
 
 
 @triton.jit
-def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, CT, ST,
+def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, CT, ST, KD, VD,
                   s_pb, s_ph, s_pn, s_kb, s_kh, s_kn, s_ob, s_oh, s_on, s_db, s_dh, s_dn,
                   s_gb, s_gh, s_gn, NH, N, NV, NVIEW, PW, PMAX, qk_scale, sm_scale,
                   D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                  MPREC: tl.constexpr, XPREC: tl.constexpr):
+                  MPREC: tl.constexpr, XPREC: tl.constexpr, TMA: tl.constexpr):
     """dq for one query block from q', do' (QP, DOP: strides s_p*) and k', v' (KP, VP: strides
     s_k*); also writes delta = rowsum(o * do). dq = D dq' transformed as it is stored."""
     bh = tl.program_id(1)
@@ -282,10 +286,10 @@ def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, CT, ST,
 
     dq = tl.zeros([BM, DP], tl.float32)
     n_full = (N // BN) * BN
-    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, 0, n_full, N, qk_scale,
-                   D, DP, BN, False, MPREC)
-    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, n_full, N, N, qk_scale,
-                   D, DP, BN, True, MPREC)
+    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, 0, n_full, N, qk_scale, KD, VD,
+                   bh, D, DP, BN, False, MPREC, TMA)
+    dq = _dq_block(dq, q, do, lse, delta, k_base, v_base, s_kn, n_full, N, N, qk_scale, KD, VD,
+                   bh, D, DP, BN, True, MPREC, TMA)
     dq = _xform(dq * sm_scale, tok, ok, MO + b * NVIEW * 16, CT, ST, NV, PW, PMAX, D, DP, True,
                 XPREC)
     tl.store(DQ + b.to(tl.int64) * s_gb + h.to(tl.int64) * s_gh + t64 * s_gn + c,
@@ -293,10 +297,10 @@ def _prope_bwd_dq(QP, DOP, KP, VP, O, DO, DQ, LSE, DELTA, MO, CT, ST,
 
 
 @triton.jit
-def _prope_bwd_dkdv(QP, DOP, DK, DV, LSE, DELTA,
+def _prope_bwd_dkdv(QP, DOP, DK, DV, LSE, DELTA, QD, DOD,
                     s_pb, s_ph, s_pn, s_kb, s_kh, s_kn, NH, N, qk_scale, sm_scale,
                     D: tl.constexpr, DP: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                    MPREC: tl.constexpr):
+                    MPREC: tl.constexpr, TMA: tl.constexpr):
     """dk', dv' for one key block. DK / DV (strides s_k*) hold k', v' on entry: the block is
     read, dk', dv' accumulated over all queries (q', do' in QP / DOP), and the block overwritten
     with them (a post-pass then applies D^-T in place: transforming here, in registers, made
@@ -325,8 +329,12 @@ def _prope_bwd_dkdv(QP, DOP, DK, DV, LSE, DELTA,
         ok = tok < N
         off = tok.to(tl.int64)[:, None] * s_pn + c
         qmask = ok[:, None] & (c < D)
-        q = tl.load(q_base + off, mask=qmask, other=0.0)
-        do = tl.load(do_base + off, mask=qmask, other=0.0)
+        if TMA:   # (B*h, N, d) descriptors over the q' / do' scratch: rows >= N read as 0
+            q = QD.load([bh, start, 0]).reshape(BM, DP)
+            do = DOD.load([bh, start, 0]).reshape(BM, DP)
+        else:
+            q = tl.load(q_base + off, mask=qmask, other=0.0)
+            do = tl.load(do_base + off, mask=qmask, other=0.0)
         lse = tl.load(stat + tok, mask=ok, other=float("inf"))
         delta = tl.load(dstat + tok, mask=ok, other=0.0)
         st = tl.dot(k, tl.trans(q), input_precision=MPREC)
@@ -760,32 +768,45 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, Ten
     return o, lse
 
 
+def _descs(xs, cfg_rows: int, d: int, on: bool):
+    """(B*h, N, d) TMA descriptors with (1, rows, padded d) blocks over contiguous xs, else xs."""
+    if not on:
+        return xs
+    B, H, N, _ = xs[0].shape
+    return [_TensorDescriptor(x, [B * H, N, d], [N * d, d, 1], [1, cfg_rows, _padded(d)])
+            for x in xs]
+
+
 def _launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g: _Geometry) -> None:
     B, H, N, d = qp.shape
     assert qp.stride() == dop.stride() and kp.stride() == vp.stride()
+    tma = _use_tma(kp) and _use_tma(vp)
 
     def launch_with(cfg):
+        kd, vd = _descs([kp, vp], cfg.block_n, d, tma)
         _prope_bwd_dq[(triton.cdiv(N, cfg.block_m), B * H)](
-            qp, dop, kp, vp, o, do, dq, lse, delta, g.mats[OUT], g.ct, g.st,
+            qp, dop, kp, vp, o, do, dq, lse, delta, g.mats[OUT], g.ct, g.st, kd, vd,
             qp.stride(0), qp.stride(1), qp.stride(2), kp.stride(0), kp.stride(1), kp.stride(2),
             o.stride(0), o.stride(1), o.stride(2), do.stride(0), do.stride(1), do.stride(2),
             dq.stride(0), dq.stride(1), dq.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax,
             LOG2E / math.sqrt(d), 1.0 / math.sqrt(d), D=d, DP=_padded(d), BM=cfg.block_m,
-            BN=cfg.block_n, **_precs(qp), **_launch(qp, cfg))
+            BN=cfg.block_n, TMA=tma, **_precs(qp), **_launch(qp, cfg))
     _with_fallback("dq", qp, launch_with)
 
 
 def _launch_dkdv(qp, dop, dk, dv, lse, delta) -> None:
     B, H, N, d = qp.shape
     assert qp.stride() == dop.stride() and dk.stride() == dv.stride()
+    tma = _use_tma(qp) and _use_tma(dop)
 
     def launch_with(cfg):
+        qd, dod = _descs([qp, dop], cfg.block_m, d, tma)
         _prope_bwd_dkdv[(triton.cdiv(N, cfg.block_n), B * H)](
-            qp, dop, dk, dv, lse, delta,
+            qp, dop, dk, dv, lse, delta, qd, dod,
             qp.stride(0), qp.stride(1), qp.stride(2), dk.stride(0), dk.stride(1), dk.stride(2),
             H, N, LOG2E / math.sqrt(d), 1.0 / math.sqrt(d),
             D=d, DP=_padded(d), BM=cfg.block_m, BN=cfg.block_n,
-            MPREC=_precs(qp)["MPREC"], **_launch(qp, cfg))
+            MPREC=_precs(qp)["MPREC"], TMA=tma, **_launch(qp, cfg))
     _with_fallback("dkdv", qp, launch_with)
 
 

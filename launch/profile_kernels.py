@@ -44,9 +44,9 @@ SHAPES = {  # name: (B, heads, d, views, (ph, pw))
 PATCH = 14
 SWEEP = {  # (block_m, block_n, num_warps, num_stages); dkdv: block_n keys per program
     "fwd": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 128, 4, 3), (128, 128, 8, 3), (128, 64, 8, 3)],
-    "dq": [(128, 64, 8, 3), (128, 64, 4, 3), (128, 64, 8, 2), (128, 128, 8, 3)],
-    "dkdv": [(64, 64, 4, 3), (64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 4), (128, 128, 8, 2),
-             (64, 128, 8, 2), (32, 128, 4, 4)],
+    "dq": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (128, 128, 8, 3)],
+    "dkdv": [(32, 128, 4, 4), (32, 128, 4, 5), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4),
+             (64, 128, 4, 3)],
     "inloop": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
                (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (128, 32, 8, 4)],
 }
@@ -192,7 +192,7 @@ def sweep(shape, dtype, log, kinds=None):
     for kind, cfgs in sweeps.items():
         if kinds and kind not in kinds:
             continue
-        tma_choices = (True, False) if kind == "fwd" else (pt._TMA,)
+        tma_choices = (True, False) if kind in ("fwd", "dq", "dkdv") else (pt._TMA,)
         for c in cfgs:
           for tma in tma_choices:
             cfg = pt.FusedConfig(*c)
