@@ -107,13 +107,21 @@ def _geometry_kernel(W2C, KI, MATS, BV, inv_h, inv_w):
 @triton.jit
 def _xform(x, tok, ok, mat, CS, SN, NV, PW, PMAX, D: tl.constexpr, DP: tl.constexpr,
            INV: tl.constexpr, XPREC: tl.constexpr):
+    return _xform_p(x, x, False, tok, ok, mat, CS, SN, NV, PW, PMAX, D, DP, INV, XPREC)
+
+
+@triton.jit
+def _xform_p(x, xp, HAVE_XP: tl.constexpr, tok, ok, mat, CS, SN, NV, PW, PMAX, D: tl.constexpr,
+             DP: tl.constexpr, INV: tl.constexpr, XPREC: tl.constexpr):
     """Per-token transform of the fp32 register tile x (BT, DP), row r = token tok[r]:
     columns [0, D/2) in 4-chunks times M[camera] (out_i = sum_j M[i, j] x_j, M 4x4 row-major at
     mat + 16 * camera), columns [D/2, D) rotated by the token's RoPE angles (forward
     [a cos + b sin, -a sin + b cos], or the inverse if INV); columns >= D are 0.
     No gathers: the camera part is x @ blockdiag(M^T) (one dot per camera present in the tile,
     at most 2 when the tile is not longer than a view), the RoPE partner swap x @ (signed
-    permutation), cos/sin gathered from the (2, PMAX, D/8) x / y angle tables (a few KiB: L1)."""
+    permutation), cos/sin gathered from the (2, PMAX, D/8) x / y angle tables (a few KiB: L1).
+    With HAVE_XP, xp already holds each RoPE column's partner (a <-> b; the pass kernel loads
+    it from memory, cache hits), which saves the permutation dot."""
     HALF: tl.constexpr = D // 2
     Q4: tl.constexpr = D // 4
     Q8: tl.constexpr = D // 8
@@ -131,7 +139,10 @@ def _xform(x, tok, ok, mat, CS, SN, NV, PW, PMAX, D: tl.constexpr, DP: tl.conste
     sn = tl.load(SN + tab, mask=okr & rope, other=0.0)
     sn = tl.where(is_a != INV, sn, -sn)
     swap = ((ri == tl.where(is_a, c + Q8, c - Q8)) & rope).to(tl.float32)
-    y = x * cs + tl.dot(x, swap, input_precision=XPREC) * sn
+    if HAVE_XP:
+        y = x * cs + xp * sn
+    else:
+        y = x * cs + tl.dot(x, swap, input_precision=XPREC) * sn
     blk = ((ri // 4) == (c // 4)) & (c < HALF)
     idx = (c % 4) * 4 + (ri % 4)                   # G[r, c] = M[c % 4, r % 4]
     lo = tl.min(tl.where(ok, cam, 2147483647), 0)
@@ -156,9 +167,15 @@ def _xform_kernel(X, Y, MAT, CT, ST, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, 
     t64 = tok.to(tl.int64)[:, None]
     c = tl.arange(0, DP)[None, :]
     mask = ok[:, None] & (c < D)
-    x = tl.load(X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + t64 * s_xn + c, mask=mask,
-                other=0.0).to(tl.float32)
-    y = _xform(x, tok, ok, MAT + b * NVIEW * 16, CT, ST, NV, PW, PMAX, D, DP, INV, XPREC)
+    rows = X + b.to(tl.int64) * s_xb + h.to(tl.int64) * s_xh + t64 * s_xn
+    x = tl.load(rows + c, mask=mask, other=0.0).to(tl.float32)
+    # RoPE partners: column c of quarter [a | b] pairs with c +- D/8 (same rows: cache hits)
+    rope = (c >= D // 2) & (c < D)
+    rel = tl.where(rope, c - D // 2, 0)
+    pc = tl.where(rope, tl.where((rel % (D // 4)) < D // 8, c + D // 8, c - D // 8), c)
+    xp = tl.load(rows + pc, mask=mask & rope, other=0.0).to(tl.float32)
+    y = _xform_p(x, xp, True, tok, ok, MAT + b * NVIEW * 16, CT, ST, NV, PW, PMAX, D, DP, INV,
+                 XPREC)
     tl.store(Y + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh + t64 * s_yn + c,
              y.to(Y.dtype.element_ty), mask=mask)
 
@@ -530,7 +547,7 @@ class FusedConfig:
 # Chosen from the H100 sweep in launch/profile_kernels.py (results in launch/results/).
 _DEFAULTS = {
     "fwd": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 128, 8, 3)},
-    "dq": {64: FusedConfig(128, 64, 4, 3), 128: FusedConfig(128, 64, 8, 3)},
+    "dq": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 64, 8, 3)},
     "dkdv": {64: FusedConfig(32, 128, 4, 4), 128: FusedConfig(64, 128, 8, 3)},
     "inloop": {64: FusedConfig(128, 32, 8, 4), 128: FusedConfig(128, 64, 8, 4)},
     "merged": {64: FusedConfig(256, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)},
