@@ -1,6 +1,6 @@
 """No-scratch PRoPE forward with a flash-attention-shaped main loop (`_prope_fwd_merged`).
 
-Same contract as `prope_triton._forward_inloop` (o in q's dtype, fp32 log2-sum-exp (B, h, N) as
+Same contract as `prope_triton._forward` (the pre-pass forward) (o in q's dtype, fp32 log2-sum-exp (B, h, N) as
 `_prope_fwd` stores it; nothing else is allocated), but per key tile ONE QK^T dot over the full
 padded head dim DP and ONE PV dot into ONE accumulator, like the pre-pass kernel `_prope_fwd`.
 
@@ -51,9 +51,18 @@ import triton.language as tl
 from torch import Tensor
 
 from kernels.prope_triton import (LOG2E, FusedConfig, _Geometry, _mix_one, _padded,
-                                  _precisions, _rope_pairs_tables, _rot)
+                                  _precisions, _rope_pairs_tables)
 
 __all__ = ["forward_merged", "SWEEP_CONFIGS", "DEFAULTS", "merged_order"]
+
+
+@triton.jit
+def _rot(a, b, cs, sn, INV: tl.constexpr):
+    """RoPE on pairs: forward [a cos + b sin, -a sin + b cos], inverse [a cos - b sin,
+    a sin + b cos]."""
+    if INV:
+        return a * cs - b * sn, a * sn + b * cs
+    return a * cs + b * sn, b * cs - a * sn
 
 
 # ----------------------------------------------------------------------------------------------
@@ -316,7 +325,7 @@ def _frame_mats(mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 def forward_merged(q: Tensor, k: Tensor, v: Tensor, g: _Geometry, patches,
                    cfg: Optional[FusedConfig] = None, order: Optional[int] = None
                    ) -> tuple[Tensor, Tensor]:
-    """(o, lse) like `prope_triton._forward_inloop`: o in q's dtype, lse fp32 (B, h, N)
+    """(o, lse) like `prope_triton._forward`: o in q's dtype, lse fp32 (B, h, N)
     log2-sum-exp as `_prope_fwd` stores it. q, k, v (B, h, N, d) with unit last stride."""
     B, H, N, d = q.shape
     if k.stride() != v.stride():

@@ -59,7 +59,7 @@ from triton.runtime.jit import JITFunction
 from kernels.prope_ref import check_prope_inputs, prope_attention_ref, rope_tables
 
 __all__ = ["prope_attention", "FusedConfig", "supported", "interpreted", "set_config",
-           "set_forward"]
+           "set_forward", "FORWARDS"]
 
 LOG2E = 1.4426950408889634
 try:
@@ -376,160 +376,6 @@ def _mix_one(x, mat, HALF: tl.constexpr, DH: tl.constexpr, XPREC: tl.constexpr):
     return tl.dot(x, g, input_precision=XPREC)
 
 
-@triton.jit
-def _mix_tok(x, tok, ok, mat, NV, HALF: tl.constexpr, DH: tl.constexpr, XPREC: tl.constexpr):
-    """Per-token camera part: row r times the matrix of camera tok[r] // NV (mat + 16 * cam)."""
-    cam = tok // NV
-    lo = tl.min(tl.where(ok, cam, 2147483647), 0)
-    hi = tl.max(tl.where(ok, cam, -1), 0)
-    y = tl.zeros_like(x)
-    for cc in range(lo, hi + 1):
-        y += tl.where((cam == cc)[:, None], _mix_one(x, mat + cc * 16, HALF, DH, XPREC), 0.0)
-    return y
-
-
-@triton.jit
-def _rope_pairs(t, ok, CS, SN, PW, PMAX, Q8: tl.constexpr, Q4: tl.constexpr,
-                DH2: tl.constexpr):
-    """cos / sin (BT, DH2) of the RoPE pairs m = xy * Q8 + f of tokens-in-view t (column
-    x = t % PW for m < Q8, row y = t // PW after), from (2, PMAX, Q8) tables."""
-    m = tl.arange(0, DH2)[None, :]
-    xy = m // Q8
-    f = m % Q8
-    pos = tl.where(xy == 0, (t % PW)[:, None], (t // PW)[:, None])
-    idx = xy * (PMAX * Q8) + pos * Q8 + f
-    msk = ok[:, None] & (m < Q4)
-    return tl.load(CS + idx, mask=msk, other=0.0), tl.load(SN + idx, mask=msk, other=0.0)
-
-
-@triton.jit
-def _rot(a, b, cs, sn, INV: tl.constexpr):
-    """RoPE on pairs: forward [a cos + b sin, -a sin + b cos], inverse [a cos - b sin,
-    a sin + b cos]."""
-    if INV:
-        return a * cs - b * sn, a * sn + b * cs
-    return a * cs + b * sn, b * cs - a * sn
-
-
-@triton.jit
-def _fwd_inloop_keys(acc_c, acc_r, l_i, m_i, qc, qr, k_base, v_base, s_kn, lo, hi, kend, t0,
-                     CS, SN, PW, PMAX, qk_scale, HALF: tl.constexpr, Q8: tl.constexpr,
-                     Q4: tl.constexpr, DH: tl.constexpr, DH2: tl.constexpr, BN: tl.constexpr,
-                     MASK: tl.constexpr, MPREC: tl.constexpr):
-    """Key blocks [lo, hi) of one camera (keys < kend valid): camera half raw (its matrix is on
-    the query side and on acc_c at the camera's end), RoPE half rotated per key in registers."""
-    c = tl.arange(0, DH)[None, :]
-    m2 = tl.arange(0, DH2)[None, :, None]
-    ab = tl.arange(0, 2)[None, None, :]
-    colr = HALF + (m2 // Q8) * Q4 + (m2 % Q8) + ab * Q8          # (1, DH2, 2) pair columns
-    for start in range(lo, hi, BN):
-        key = start + tl.arange(0, BN)
-        kok = key < kend
-        k64 = key.to(tl.int64)
-        cmask = kok[:, None] & (c < HALF)
-        rmask = kok[:, None, None] & (m2 < Q4)
-        kc = tl.load(k_base + k64[:, None] * s_kn + c, mask=cmask, other=0.0)
-        ka, kb = tl.split(tl.load(k_base + k64[:, None, None] * s_kn + colr, mask=rmask,
-                                  other=0.0).to(tl.float32))
-        cs, sn = _rope_pairs(key - lo + t0, kok, CS, SN, PW, PMAX, Q8, Q4, DH2)
-        ka, kb = _rot(ka, kb, cs, sn, False)
-        kr = tl.reshape(tl.join(ka, kb), (BN, DH)).to(kc.dtype)
-        s = tl.dot(qc, tl.trans(kc), input_precision=MPREC)
-        s = tl.dot(qr, tl.trans(kr), s, input_precision=MPREC)
-        if MASK:
-            s = tl.where(kok[None, :], s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-        p = tl.exp2(s * qk_scale - m_new[:, None])
-        alpha = tl.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        vc = tl.load(v_base + k64[:, None] * s_kn + c, mask=cmask, other=0.0)
-        va, vb = tl.split(tl.load(v_base + k64[:, None, None] * s_kn + colr, mask=rmask,
-                                  other=0.0).to(tl.float32))
-        va, vb = _rot(va, vb, cs, sn, False)
-        vr = tl.reshape(tl.join(va, vb), (BN, DH)).to(vc.dtype)
-        p16 = p.to(vc.dtype)
-        acc_c = tl.dot(p16, vc, acc_c * alpha[:, None], input_precision=MPREC)
-        acc_r = tl.dot(p16, vr, acc_r * alpha[:, None], input_precision=MPREC)
-        m_i = m_new
-    return acc_c, acc_r, l_i, m_i
-
-
-@triton.jit
-def _prope_fwd_inloop(Q, K, V, O, LSE, MATS, CS, SN,
-                      s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_ob, s_oh, s_on,
-                      NH, N, NV, NVIEW, BV, PW, PMAX, qk_scale,
-                      HALF: tl.constexpr, Q8: tl.constexpr, Q4: tl.constexpr,
-                      DH: tl.constexpr, DH2: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
-                      MPREC: tl.constexpr, XPREC: tl.constexpr):
-    """o for one query block with no transformed copy of anything in memory (no scratch).
-
-    Camera half, for a query of camera a and the keys of camera c:
-      q'.k' = (P_c^-T P_a^T q).k and sum_j p_j P_c^-1 v_j = P_c^-1 sum_j p_j v_j,
-    so each key camera's loop runs on raw k, v with the query tile mapped once per camera
-    (qc = P_c^-T q') and its value accumulator acc_c mapped once at the camera's end (acc_c ->
-    P_c^-1 acc_c, added to acc_cam after rescaling by the max change since the camera began).
-    RoPE half: keys and values rotated per token in registers from (2, PMAX, d/8) cos/sin
-    tables, in pair-interleaved channel order (a_0 b_0 a_1 b_1 ...; queries use the same order,
-    dot products don't see the permutation). Key loops are per camera (blocks start at the
-    camera's first token; the last block of a camera is masked when BN does not divide NV)."""
-    bh = tl.program_id(1)
-    b = bh // NH
-    h = bh % NH
-    tok = tl.program_id(0) * BM + tl.arange(0, BM)
-    ok = tok < N
-    t64 = tok.to(tl.int64)
-    c = tl.arange(0, DH)[None, :]
-    m2 = tl.arange(0, DH2)[None, :, None]
-    ab = tl.arange(0, 2)[None, None, :]
-    colr = HALF + (m2 // Q8) * Q4 + (m2 % Q8) + ab * Q8
-    cmask = ok[:, None] & (c < HALF)
-    rmask = ok[:, None, None] & (m2 < Q4)
-    q_rows = Q + b.to(tl.int64) * s_qb + h.to(tl.int64) * s_qh + t64 * s_qn
-    mats = MATS + b * NVIEW * 16
-    # q' camera half (per query token's camera), kept in fp32; RoPE half rotated, interleaved.
-    qc32 = _mix_tok(tl.load(q_rows[:, None] + c, mask=cmask, other=0.0).to(tl.float32), tok, ok,
-                    mats, NV, HALF, DH, XPREC)
-    qa, qb = tl.split(tl.load(q_rows[:, None, None] + colr, mask=rmask, other=0.0)
-                      .to(tl.float32))
-    cs, sn = _rope_pairs(tok % NV, ok, CS, SN, PW, PMAX, Q8, Q4, DH2)
-    qa, qb = _rot(qa, qb, cs, sn, False)
-    qr = tl.reshape(tl.join(qa, qb), (BM, DH)).to(K.dtype.element_ty)
-    k_base = K + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-    v_base = V + b.to(tl.int64) * s_kb + h.to(tl.int64) * s_kh
-
-    m_i = tl.full([BM], float("-inf"), tl.float32)
-    l_i = tl.zeros([BM], tl.float32)
-    acc_cam = tl.zeros([BM, DH], tl.float32)
-    acc_r = tl.zeros([BM, DH], tl.float32)
-    n_full = (NV // BN) * BN
-    for cam in range(0, NVIEW):
-        # MATS[1] = P^-1 (values), MATS[3] = P^-T (query side)
-        qc = _mix_one(qc32, mats + 3 * BV * 16 + cam * 16, HALF, DH, XPREC).to(K.dtype.element_ty)
-        m_start = m_i
-        acc_c = tl.zeros([BM, DH], tl.float32)
-        lo = cam * NV
-        acc_c, acc_r, l_i, m_i = _fwd_inloop_keys(
-            acc_c, acc_r, l_i, m_i, qc, qr, k_base, v_base, s_kn, lo, lo + n_full, lo + NV, 0,
-            CS, SN, PW, PMAX, qk_scale, HALF, Q8, Q4, DH, DH2, BN, False, MPREC)
-        if n_full < NV:
-            acc_c, acc_r, l_i, m_i = _fwd_inloop_keys(
-                acc_c, acc_r, l_i, m_i, qc, qr, k_base, v_base, s_kn, lo + n_full,
-                lo + n_full + BN, lo + NV, n_full, CS, SN, PW, PMAX, qk_scale, HALF, Q8, Q4,
-                DH, DH2, BN, True, MPREC)
-        scale = tl.where(m_start == float("-inf"), 0.0, tl.exp2(m_start - m_i))
-        acc_cam = acc_cam * scale[:, None] + _mix_one(acc_c, mats + BV * 16 + cam * 16, HALF,
-                                                      DH, XPREC)
-    tl.store(LSE + bh.to(tl.int64) * N + tok, m_i + tl.log2(l_i), mask=ok)
-    inv_l = 1.0 / l_i
-    o_rows = O + b.to(tl.int64) * s_ob + h.to(tl.int64) * s_oh + t64 * s_on
-    # MATS[2] = P (outputs)
-    oc = _mix_tok(acc_cam * inv_l[:, None], tok, ok, mats + 2 * BV * 16, NV, HALF, DH, XPREC)
-    tl.store(o_rows[:, None] + c, oc.to(O.dtype.element_ty), mask=cmask)
-    oa, ob = tl.split(tl.reshape(acc_r * inv_l[:, None], (BM, DH2, 2)))
-    oa, ob = _rot(oa, ob, cs, sn, True)
-    tl.store(o_rows[:, None, None] + colr, tl.join(oa, ob).to(O.dtype.element_ty), mask=rmask)
-
-
 # ----------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------
@@ -549,7 +395,6 @@ _DEFAULTS = {
     "fwd": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 128, 8, 3)},
     "dq": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 64, 8, 3)},
     "dkdv": {64: FusedConfig(32, 128, 4, 4), 128: FusedConfig(64, 128, 8, 3)},
-    "inloop": {64: FusedConfig(128, 32, 8, 4), 128: FusedConfig(128, 64, 8, 4)},
     "merged": {64: FusedConfig(256, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)},
 }
 _XFORM_BLOCK = 64
@@ -737,42 +582,6 @@ def _rope_pairs_tables(patches: tuple[int, int], d: int,
     return cos, sin, pmax
 
 
-def _half_blocks(d: int) -> tuple[int, int]:
-    """(DH, DH2): the padded width of each half of the head dim in the in-loop kernel, and of
-    its RoPE pairs (dots need >= 16)."""
-    dh = max(16, _padded(d // 2))
-    return dh, dh // 2
-
-
-def _launch_fwd_inloop(q, k, v, o, lse, g: _Geometry, patches) -> None:
-    B, H, N, d = q.shape
-    assert k.stride() == v.stride()
-    cos, sin, pmax = g.ct, g.st, g.pmax
-    dh, dh2 = _half_blocks(d)
-
-    def launch_with(cfg):
-        _prope_fwd_inloop[(triton.cdiv(N, cfg.block_m), B * H)](
-            q, k, v, o, lse, g.mats, cos, sin,
-            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-            o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views,
-            B * g.views, patches[1], pmax, LOG2E / math.sqrt(d),
-            HALF=d // 2, Q8=d // 8, Q4=d // 4, DH=dh, DH2=dh2, BM=cfg.block_m, BN=cfg.block_n,
-            **_precs(q), **_launch(q, cfg))
-    _with_fallback("inloop", q, launch_with)
-
-
-def _forward_inloop(q: Tensor, k: Tensor, v: Tensor, g: _Geometry,
-                    patches) -> tuple[Tensor, Tensor]:
-    """The forward with no scratch: o and the fp32 LSE are all it allocates."""
-    B, H, N, d = q.shape
-    if k.stride() != v.stride():
-        k, v = k.contiguous(), v.contiguous()
-    o = torch.empty_like(q, memory_format=torch.contiguous_format)
-    lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    _launch_fwd_inloop(q, k, v, o, lse, g, patches)
-    return o, lse
-
-
 def _forward(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, Tensor]:
     B, H, N, d = q.shape
     kp = torch.empty(B, H, N, d, dtype=k.dtype, device=k.device)
@@ -853,8 +662,9 @@ class _PRoPEAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g: _Geometry, patches):
         q, k, v = (_dense(x) for x in (q, k, v))
-        if _FORWARD["train"] == "inloop":
-            o, lse = _forward_inloop(q, k, v, g, patches)
+        if _FORWARD["train"] == "merged":
+            from kernels.prope_fwd_inloop import forward_merged
+            o, lse = forward_merged(q, k, v, g, patches)
         else:
             o, lse = _forward(q, k, v, g)
         ctx.save_for_backward(q, k, v, o, lse)
@@ -869,17 +679,20 @@ class _PRoPEAttention(torch.autograd.Function):
         return dq, dk, dv, None, None
 
 
-# Which forward runs: "inloop" (no scratch) or "prepass" (k', v' transient scratch), for calls
-# that record a graph for the backward ("train") and for the rest ("infer").
+# Which forward runs, for calls that record a graph for the backward ("train") and for the rest
+# ("infer"): "prepass" (fastest; k', v' in transient scratch during the call) or "merged"
+# (kernels/prope_fwd_inloop.py: no scratch, o and the LSE are all it allocates; slower).
 _FORWARD = {"train": "prepass", "infer": "prepass"}
+FORWARDS = ("prepass", "merged")
 
 
 def set_forward(train: Optional[str] = None, infer: Optional[str] = None) -> None:
-    """Choose the forward kernel per mode ("inloop" or "prepass"; benchmarks and tests)."""
+    """Choose the forward kernel per mode (one of `FORWARDS`): "merged" where memory is tighter
+    than time (its peak is plain attention's + the LSE), "prepass" (default) for speed."""
     for mode, kind in (("train", train), ("infer", infer)):
         if kind is not None:
-            if kind not in ("inloop", "prepass"):
-                raise ValueError(f"set_forward: {mode}={kind!r}; choose 'inloop' or 'prepass'")
+            if kind not in FORWARDS:
+                raise ValueError(f"set_forward: {mode}={kind!r}; choose one of {FORWARDS}")
             _FORWARD[mode] = kind
 
 
@@ -899,6 +712,7 @@ def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _PRoPEAttention.apply(q, k, v, g, tuple(patches))
     q, k, v = (_dense(x) for x in (q, k, v))
-    if _FORWARD["infer"] == "inloop":
-        return _forward_inloop(q, k, v, g, tuple(patches))[0]
+    if _FORWARD["infer"] == "merged":
+        from kernels.prope_fwd_inloop import forward_merged
+        return forward_merged(q, k, v, g, tuple(patches))[0]
     return _forward(q, k, v, g)[0]

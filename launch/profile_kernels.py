@@ -47,8 +47,6 @@ SWEEP = {  # (block_m, block_n, num_warps, num_stages); dkdv: block_n keys per p
     "dq": [(128, 64, 4, 3), (128, 64, 4, 4), (128, 32, 4, 4), (128, 128, 8, 3)],
     "dkdv": [(32, 128, 4, 4), (32, 128, 4, 5), (64, 64, 4, 3), (64, 128, 8, 3), (32, 64, 4, 4),
              (64, 128, 4, 3)],
-    "inloop": [(128, 64, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 128, 8, 3),
-               (128, 64, 8, 4), (64, 128, 4, 3), (128, 32, 4, 3), (128, 32, 8, 4)],
 }
 
 
@@ -181,7 +179,6 @@ def sweep(shape, dtype, log, kinds=None):
     delta = torch.empty_like(lse)
     dk, dv = kp.clone(), vp.clone()
     runs = {"fwd": lambda: pt._launch_fwd(q, kp, vp, o, lse, g),
-            "inloop": lambda: pt._launch_fwd_inloop(q, k, v, o, lse, g, patches),
             "merged": lambda: fm.forward_merged(q, k, v, g, patches, cfg=pt._config("merged", d,
                                                                                    False)),
             "dq": lambda: pt._launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g),
@@ -208,7 +205,7 @@ def sweep(shape, dtype, log, kinds=None):
                 log.append(dict(kind=kind, d=d, cfg=c, tma=tma, error=repr(e)[:200]))
                 print(f"sweep {kind} d={d} {c} tma={tma}: {repr(e)[:120]}", flush=True)
                 continue
-            share = {"fwd": 1.0, "inloop": 1.0, "merged": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
+            share = {"fwd": 1.0, "merged": 1.0, "dq": 1.0, "dkdv": 1.5}[kind]  # rough split of 2.5x
             log.append(dict(kind=kind, d=d, cfg=c, tma=tma, ms=ms, compile_s=compile_s,
                             tflops=share * fl / ms * 1e-9))
             print(f"sweep {kind} d={d} {c} tma={tma}: {ms:.3f} ms "

@@ -75,12 +75,12 @@ def test_interp_matches_reference(d, V, patches):
 
 
 @interp
-@pytest.mark.parametrize("kind", ["inloop", "prepass"])
+@pytest.mark.parametrize("kind", prope_triton.FORWARDS)
 @pytest.mark.parametrize("d", [16, 48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
 def test_interp_inference_forward_matches_reference(kind, d, V, patches):
-    """No-grad calls (either forward kernel): o within 1e-4 of float64; the in-loop kernel's LSE
-    equals the training forward's (the backward reads it)."""
+    """No-grad calls (either forward kernel): o within 1e-4 of float64; the no-scratch kernel's
+    LSE equals the pre-pass forward's (the backward reads it when it is the training forward)."""
     image = (14 * patches[0], 14 * patches[1])
     q, k, v, w2c, K = make_inputs(B=2, h=2, V=V, patches=patches, d=d, image=image, seed=d + 1)
     prev = dict(prope_triton._FORWARD)
@@ -94,7 +94,8 @@ def test_interp_inference_forward_matches_reference(kind, d, V, patches):
     r = prope_attention_ref(q, k, v, w2c, K, patches, image)
     assert rel(o, r) <= 1e-4, rel(o, r)
     g = prope_triton._geometry(w2c.float(), K.float(), patches, image, d, q.device)
-    _, lse_inloop = prope_triton._forward_inloop(q.float(), k.float(), v.float(), g, patches)
+    from kernels.prope_fwd_inloop import forward_merged
+    _, lse_inloop = forward_merged(q.float(), k.float(), v.float(), g, patches)
     _, lse_prepass = prope_triton._forward(q.float(), k.float(), v.float(), g)
     torch.testing.assert_close(lse_inloop, lse_prepass, rtol=1e-5, atol=1e-5)
 
