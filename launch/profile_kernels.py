@@ -231,6 +231,22 @@ def sweep(shape, dtype, log, kinds=None):
         xf.append((ms, bt, warps))
     if xf:
         _, pt._XFORM_BLOCK, pt._XFORM_WARPS = min(xf)
+    # the pair pass (k and v in one launch, heads looped inside each program)
+    vp2 = torch.empty_like(kp)
+    for bt, warps in ((64, 4), (32, 4), (64, 8), (128, 8)):
+        pt._XFORM_BLOCK, pt._XFORM_WARPS = bt, warps
+        try:
+            ms = do_bench(lambda: pt._transform2(k, kp, v, vp2, g, pt.KV, False), warmup=25,
+                          rep=100, return_mode="median")
+        except Exception as e:
+            print(f"xform2 d={d} {bt} {warps}: {repr(e)[:120]}", flush=True)
+            continue
+        gbs = 4 * k.numel() * k.element_size() / ms * 1e-6
+        log.append(dict(kind="xform2", d=d, block=bt, warps=warps, ms=ms, gbs=gbs))
+        print(f"xform2 (k and v) d={d} tokens {bt} warps {warps}: {ms:.3f} ms {gbs:.0f} GB/s",
+              flush=True)
+    if xf:
+        _, pt._XFORM_BLOCK, pt._XFORM_WARPS = min(xf)
     return {k2: (v2[0], v2[2]) for k2, v2 in best.items()}
 
 
