@@ -1,0 +1,133 @@
+"""Fused single-pass PRoPE backward (kernels/prope_triton_bwd.py) against the float64 reference.
+
+CPU: the Triton interpreter, fp32, dq / dk / dv within 1e-4 relative error of the float64
+autograd gradients of `prope_attention_ref`. As in test_prope_triton.py, the interpreter cases
+(`test_interp_` in their names) run in-process only when this process started with
+TRITON_INTERPRET=1; otherwise `test_interpreter_cases_in_subprocess` reruns them in a fresh
+process that has it.
+GPU (marker `gpu`): bf16, error against float64 at most 2x that of the PyTorch reference run in
+bf16, with dq added per element and by TMA reduce-add.
+"""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from kernels import prope_attention_ref
+from kernels import prope_triton
+from kernels.prope_triton_bwd import FusedBwdConfig, backward_fused, dq_tma_available
+from tests.test_prope_ref import make_inputs
+
+
+ON_INTERPRETER = prope_triton.interpreted()
+interp = pytest.mark.skipif(not ON_INTERPRETER, reason="interpreter cases run in a subprocess "
+                            "(test_interpreter_cases_in_subprocess)")
+
+
+@pytest.mark.skipif(ON_INTERPRETER or torch.cuda.is_available(),
+                    reason="already interpreted in-process / GPU present")
+def test_interpreter_cases_in_subprocess():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "TRITON_INTERPRET": "1",
+           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
+    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
+                          str(Path(__file__).resolve()), "-k", "test_interp_"],
+                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
+    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
+    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout
+
+
+def rel(a, b):
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def strided(t, dtype, device):
+    """t (B, h, N, d) as a (B, N, h, d) tensor viewed as (B, h, N, d): non-contiguous."""
+    return t.detach().transpose(1, 2).contiguous().to(device, dtype).transpose(1, 2)
+
+
+def fused_grads(q, k, v, w2c, K, patches, image, do, dtype, device, dq_tma=None, cfg=None):
+    ins = [strided(t, dtype, device) for t in (q, k, v)]
+    g = prope_triton._geometry(w2c.to(device, torch.float32), K.to(device, torch.float32),
+                               patches, image, q.shape[-1], device)
+    o, lse = prope_triton._forward(*ins, g)
+    grads = backward_fused(*ins, o, lse, do.to(device, dtype), g, cfg=cfg, dq_tma=dq_tma)
+    for a, x in zip(grads, ins):
+        assert a.shape == x.shape and a.stride() == x.stride() and a.dtype == dtype
+    return grads
+
+
+def reference_grads(q, k, v, w2c, K, patches, image, do, dtype=torch.float64, device="cpu"):
+    ins = [t.detach().to(device, dtype).clone().requires_grad_(True) for t in (q, k, v)]
+    cam = torch.float64 if dtype == torch.float64 else torch.float32
+    r = prope_attention_ref(*ins, w2c.to(device, cam), K.to(device, cam), patches, image)
+    r.backward(do.to(device, dtype))
+    return [t.grad for t in ins]
+
+
+@interp
+@pytest.mark.parametrize("dq_t", [False, True])
+@pytest.mark.parametrize("d", [48, 64, 128])
+@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
+def test_interp_fused_backward_matches_reference(d, V, patches, dq_t):
+    """3 views of 3x5 (N = 45: 3 blocks of 16, the last masked) and 2 views of 5x7 (N = 70:
+    5 blocks, the last masked); random cameras; every head dim (48 runs padded to 64); B = 2
+    with (B, N, h, d) inputs viewed as (B, h, N, d); dq' as dst^T k' and as (k'^T dst)^T."""
+    image = (14 * patches[0], 14 * patches[1])
+    q, k, v, w2c, K = make_inputs(B=2, h=1, V=V, patches=patches, d=d, image=image, seed=d + V)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = fused_grads(q, k, v, w2c, K, patches, image, do, torch.float32, "cpu",
+                      cfg=FusedBwdConfig(16, 16, 1, 1, dq_t))
+    want = reference_grads(q, k, v, w2c, K, patches, image, do)
+    for name, a, b in zip(("dq", "dk", "dv"), got, want):
+        assert torch.isfinite(a).all(), name
+        assert rel(a, b) <= 1e-4, f"{name}: relative error {rel(a, b):.2e}"
+
+
+@interp
+def test_interp_tma_path_needs_a_gpu():
+    q, k, v, w2c, K = make_inputs(B=1, h=1, V=1, patches=(2, 2), d=16, image=(28, 28),
+                                  dtype=torch.float32)
+    assert not dq_tma_available(q)
+    g = prope_triton._geometry(w2c, K, (2, 2), (28, 28), 16, "cpu")
+    o, lse = prope_triton._forward(q, k, v, g)
+    with pytest.raises(ValueError, match="dq_tma=True"):
+        backward_fused(q, k, v, o, lse, torch.ones_like(o), g, dq_tma=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# GPU
+# ---------------------------------------------------------------------------------------------
+@pytest.mark.gpu
+@pytest.mark.parametrize("dq_tma", [False, True])
+@pytest.mark.parametrize("d", [48, 64, 128])
+@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (4, (9, 11)), (2, (18, 18))])
+def test_gpu_bf16_error_at_most_twice_reference(dq_tma, d, V, patches):
+    if dq_tma and not dq_tma_available(torch.empty(1, device="cuda")):
+        pytest.skip("no TMA reduce-add here (compute capability < 9 or old triton)")
+    image = (14 * patches[0], 14 * patches[1])
+    q, k, v, w2c, K = make_inputs(B=2, h=3, V=V, patches=patches, d=d, image=image, seed=d + V)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = fused_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda", dq_tma)
+    want = reference_grads(q, k, v, w2c, K, patches, image, do)
+    base = reference_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda")
+    for name, a, b, w in zip(("dq", "dk", "dv"), got, base, want):
+        w = w.to("cuda")
+        assert torch.isfinite(a).all(), name
+        assert rel(a, w) <= 2 * rel(b, w) + 1e-6, f"{name}: {rel(a, w):.2e} vs ref {rel(b, w):.2e}"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [48, 64])
+def test_gpu_float32(d):
+    patches, V = (6, 7), 3
+    image = (84, 98)
+    q, k, v, w2c, K = make_inputs(B=1, h=2, V=V, patches=patches, d=d, image=image, seed=7)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = fused_grads(q, k, v, w2c, K, patches, image, do, torch.float32, "cuda")
+    want = reference_grads(q, k, v, w2c, K, patches, image, do)
+    for a, b in zip(got, want):
+        assert rel(a, b.cuda()) <= 1e-4
