@@ -59,7 +59,7 @@ from triton.runtime.jit import JITFunction
 from kernels.prope_ref import check_prope_inputs, prope_attention_ref, rope_tables
 
 __all__ = ["prope_attention", "FusedConfig", "supported", "interpreted", "set_config",
-           "set_forward", "FORWARDS"]
+           "set_forward", "FORWARDS", "set_backward", "BACKWARDS"]
 
 LOG2E = 1.4426950408889634
 try:
@@ -178,64 +178,6 @@ def _xform_kernel(X, Y, MAT, CT, ST, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, 
                  XPREC)
     tl.store(Y + b.to(tl.int64) * s_yb + h.to(tl.int64) * s_yh + t64 * s_yn + c,
              y.to(Y.dtype.element_ty), mask=mask)
-
-
-@triton.jit
-def _xform_heads_kernel(X1, Y1, X2, Y2, MAT, CS, SN, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn,
-                        NH, N, NV, NVIEW, PW, PMAX, D: tl.constexpr, DP: tl.constexpr,
-                        BT: tl.constexpr, INV: tl.constexpr, XPREC: tl.constexpr,
-                        TWO: tl.constexpr):
-    """Y1 = transform(X1) (and Y2 = transform(X2) if TWO, same camera matrices) for one token
-    tile of one batch element, looping over heads NH/grid[2] apart: the cos/sin gathers and the
-    camera blocks (at most 2 cameras: tiles are not longer than a view) are built once per
-    tile, the head loop is a pipelined stream of loads and stores. Y may be X."""
-    b = tl.program_id(1)
-    tok = tl.program_id(0) * BT + tl.arange(0, BT)
-    ok = tok < N
-    t64 = tok.to(tl.int64)[:, None]
-    HALF: tl.constexpr = D // 2
-    Q4: tl.constexpr = D // 4
-    Q8: tl.constexpr = D // 8
-    ri = tl.arange(0, DP)[:, None]
-    c = tl.arange(0, DP)[None, :]
-    mask = ok[:, None] & (c < D)
-    rope = (c >= HALF) & (c < D)
-    rel = tl.where(rope, c - HALF, 0)
-    is_a = (rel % Q4) < Q8
-    t = (tok % NV)[:, None]
-    xy = rel // Q4
-    tab = xy * (PMAX * Q8) + tl.where(xy == 0, t % PW, t // PW) * Q8 + rel % Q8
-    cs = tl.load(CS + tab, mask=mask & rope, other=0.0)
-    sn = tl.load(SN + tab, mask=mask & rope, other=0.0)
-    sn = tl.where(is_a != INV, sn, -sn)
-    pc = tl.where(rope, tl.where(is_a, c + Q8, c - Q8), c)
-    cam = tok // NV
-    lo = tl.min(tl.where(ok, cam, 2147483647), 0)
-    hi = tl.max(tl.where(ok, cam, -1), 0)
-    blk = ((ri // 4) == (c // 4)) & (c < HALF)
-    idx = (c % 4) * 4 + (ri % 4)                   # G[r, c] = M[c % 4, r % 4]
-    mat = MAT + b * NVIEW * 16
-    g_lo = tl.load(mat + lo * 16 + idx, mask=blk, other=0.0)
-    g_hi = tl.load(mat + hi * 16 + idx, mask=blk, other=0.0)
-    on_hi = ((cam == hi) & (hi > lo))[:, None]
-    x_off = b.to(tl.int64) * s_xb + t64 * s_xn
-    y_off = b.to(tl.int64) * s_yb + t64 * s_yn
-    for h in range(tl.program_id(2), NH, tl.num_programs(2)):
-        h = tl.zeros([], tl.int64) + h          # int64 offsets (and a tensor when interpreted)
-        rows = X1 + x_off + h * s_xh
-        x = tl.load(rows + c, mask=mask, other=0.0).to(tl.float32)
-        xp = tl.load(rows + pc, mask=mask & rope, other=0.0).to(tl.float32)
-        y = x * cs + xp * sn + tl.dot(tl.where(on_hi, 0.0, x), g_lo, input_precision=XPREC) \
-            + tl.dot(tl.where(on_hi, x, 0.0), g_hi, input_precision=XPREC)
-        tl.store(Y1 + y_off + h * s_yh + c, y.to(Y1.dtype.element_ty), mask=mask)
-        if TWO:
-            rows = X2 + x_off + h * s_xh
-            x = tl.load(rows + c, mask=mask, other=0.0).to(tl.float32)
-            xp = tl.load(rows + pc, mask=mask & rope, other=0.0).to(tl.float32)
-            y = x * cs + xp * sn + tl.dot(tl.where(on_hi, 0.0, x), g_lo, input_precision=XPREC) \
-                + tl.dot(tl.where(on_hi, x, 0.0), g_hi, input_precision=XPREC)
-            tl.store(Y2 + y_off + h * s_yh + c, y.to(Y2.dtype.element_ty),
-                     mask=mask)
 
 
 @triton.jit
@@ -457,7 +399,6 @@ _DEFAULTS = {
 }
 _XFORM_BLOCK = 64
 _XFORM_WARPS = 4
-_XFORM_HEADS = True   # the head-looping pair kernel (benchmarks switch it off to compare)
 _overrides: dict = {}
 
 
@@ -586,29 +527,6 @@ def _launch(q: Tensor, cfg: FusedConfig) -> dict:
     return {} if not q.is_cuda else dict(num_warps=cfg.num_warps, num_stages=cfg.num_stages)
 
 
-def _transform2(x1: Tensor, y1: Tensor, x2: Optional[Tensor], y2: Optional[Tensor],
-                g: _Geometry, which: int, inverse: bool) -> None:
-    """y1 = transform(x1) and y2 = transform(x2) (the same side of D, e.g. k and v) in one
-    launch when the tiles fit in a view and the pairs share strides; else `_transform` each."""
-    B, H, N, d = x1.shape
-    bt = 16 if not x1.is_cuda else _XFORM_BLOCK
-    two = x2 is not None
-    if not _XFORM_HEADS or g.per_view < bt or (two and (x2.stride() != x1.stride()
-                                                       or y2.stride() != y1.stride())):
-        _transform(x1, y1, g, which, inverse)
-        if two:
-            _transform(x2, y2, g, which, inverse)
-        return
-    tiles = triton.cdiv(N, bt)
-    split = max(1, min(H, triton.cdiv(4 * 132, tiles * B)))   # enough programs to fill the GPU
-    launch = {} if not x1.is_cuda else dict(num_warps=_XFORM_WARPS, num_stages=3)
-    _xform_heads_kernel[(tiles, B, split)](
-        x1, y1, x2 if two else x1, y2 if two else y1, g.mats[which], g.ct, g.st,
-        x1.stride(0), x1.stride(1), x1.stride(2), y1.stride(0), y1.stride(1), y1.stride(2),
-        H, N, g.per_view, g.views, g.pw, g.pmax, D=d, DP=_padded(d), BT=bt, INV=inverse,
-        XPREC=_precisions(x1.dtype, not x1.is_cuda)[1], TWO=two, **launch)
-
-
 def _transform(x: Tensor, y: Tensor, g: _Geometry, which: int, inverse: bool) -> None:
     """y = per-token transform of x (B, h, N, d); y may be x (each program reads its rows into
     registers before it writes them)."""
@@ -668,7 +586,8 @@ def _forward(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, Ten
     B, H, N, d = q.shape
     kp = torch.empty(B, H, N, d, dtype=k.dtype, device=k.device)
     vp = torch.empty_like(kp)
-    _transform2(k, kp, v, vp, g, KV, False)
+    _transform(k, kp, g, KV, False)
+    _transform(v, vp, g, KV, False)
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
     _launch_fwd(q, kp, vp, o, lse, g)
@@ -727,12 +646,15 @@ def _backward(q, k, v, o, lse, do, g: _Geometry):
         dk, dv = dk.contiguous(), dv.contiguous()
     qp = torch.empty(B, H, N, d, dtype=q.dtype, device=q.device)
     dop = torch.empty_like(qp)
-    _transform2(q, qp, do, dop, g, QT, False)
-    _transform2(k, dk, v, dv, g, KV, False)      # k' and v' live in the gradient buffers
+    _transform(q, qp, g, QT, False)
+    _transform(do, dop, g, QT, False)
+    _transform(k, dk, g, KV, False)      # k' and v' live in the gradient buffers
+    _transform(v, dv, g, KV, False)
     delta = torch.empty_like(lse)
     _launch_dq(qp, dop, dk, dv, o, do, dq, lse, delta, g)      # also writes delta
     _launch_dkdv(qp, dop, dk, dv, lse, delta)                   # overwrites k', v' with dk', dv'
-    _transform2(dk, dk, dv, dv, g, GKV, True)                    # dk = D^-T dk', in place
+    _transform(dk, dk, g, GKV, True)                             # dk = D^-T dk', in place
+    _transform(dv, dv, g, GKV, True)
     return dq, dk, dv
 
 
@@ -747,13 +669,18 @@ class _PRoPEAttention(torch.autograd.Function):
             o, lse = _forward(q, k, v, g)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.geometry = g
+        ctx.backward_kind = _BACKWARD["kind"]
         return o
 
     @staticmethod
     def backward(ctx, do):
         q, k, v, o, lse = ctx.saved_tensors
         do = do if do.stride(-1) == 1 else do.contiguous()
-        dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.geometry)
+        if ctx.backward_kind == "atomic":
+            from kernels.prope_triton_bwd import backward_fused
+            dq, dk, dv = backward_fused(q, k, v, o, lse, do, ctx.geometry)
+        else:
+            dq, dk, dv = _backward(q, k, v, o, lse, do, ctx.geometry)
         return dq, dk, dv, None, None
 
 
@@ -762,6 +689,18 @@ class _PRoPEAttention(torch.autograd.Function):
 # (kernels/prope_fwd_inloop.py: no scratch, o and the LSE are all it allocates; slower).
 _FORWARD = {"train": "prepass", "infer": "prepass"}
 FORWARDS = ("prepass", "merged")
+# Which backward runs: "two_kernel" (dq kernel + dk/dv kernel, 7 matmuls, scratch q', do') or
+# "atomic" (kernels/prope_triton_bwd.py: one kernel, 5 matmuls, dq by TMA reduce-add into an fp32
+# accumulator: one more tensor's worth of memory). Recorded with the forward call.
+_BACKWARD = {"kind": "two_kernel"}
+BACKWARDS = ("two_kernel", "atomic")
+
+
+def set_backward(kind: str) -> None:
+    """Choose the backward kernel(s) for later forward calls (one of `BACKWARDS`)."""
+    if kind not in BACKWARDS:
+        raise ValueError(f"set_backward: {kind!r}; choose one of {BACKWARDS}")
+    _BACKWARD["kind"] = kind
 
 
 def set_forward(train: Optional[str] = None, infer: Optional[str] = None) -> None:

@@ -83,8 +83,21 @@ def backends():
             with sdpa_kernel([kind]):
                 return F.scaled_dot_product_attention(q, k, v)
         return f
+    def fused(train="prepass", infer="prepass", bwd="two_kernel"):
+        def f(q, k, v, *cam):
+            saved = dict(pt._FORWARD), dict(pt._BACKWARD)
+            pt.set_forward(train=train, infer=infer)
+            pt.set_backward(bwd)      # recorded with the forward call, used by .backward()
+            try:
+                return pt.prope_attention(q, k, v, *cam)
+            finally:
+                pt._FORWARD.update(saved[0])
+                pt._BACKWARD.update(saved[1])
+        return f
     out = {
-        "fused_prope": lambda q, k, v, *cam: pt.prope_attention(q, k, v, *cam),
+        "fused_prope": fused(),
+        "fused_prope_atomic_bwd": fused(bwd="atomic"),
+        "fused_prope_noscratch_fwd": fused(train="merged", infer="merged"),
         "reference_prope": lambda q, k, v, *cam: prope_attention_ref(q, k, v, *cam),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
@@ -229,22 +242,6 @@ def sweep(shape, dtype, log, kinds=None):
         log.append(dict(kind="xform", d=d, block=bt, warps=warps, ms=ms, gbs=gbs))
         print(f"xform d={d} tokens {bt} warps {warps}: {ms:.3f} ms {gbs:.0f} GB/s", flush=True)
         xf.append((ms, bt, warps))
-    if xf:
-        _, pt._XFORM_BLOCK, pt._XFORM_WARPS = min(xf)
-    # the pair pass (k and v in one launch, heads looped inside each program)
-    vp2 = torch.empty_like(kp)
-    for bt, warps in ((64, 4), (32, 4), (64, 8), (128, 8)):
-        pt._XFORM_BLOCK, pt._XFORM_WARPS = bt, warps
-        try:
-            ms = do_bench(lambda: pt._transform2(k, kp, v, vp2, g, pt.KV, False), warmup=25,
-                          rep=100, return_mode="median")
-        except Exception as e:
-            print(f"xform2 d={d} {bt} {warps}: {repr(e)[:120]}", flush=True)
-            continue
-        gbs = 4 * k.numel() * k.element_size() / ms * 1e-6
-        log.append(dict(kind="xform2", d=d, block=bt, warps=warps, ms=ms, gbs=gbs))
-        print(f"xform2 (k and v) d={d} tokens {bt} warps {warps}: {ms:.3f} ms {gbs:.0f} GB/s",
-              flush=True)
     if xf:
         _, pt._XFORM_BLOCK, pt._XFORM_WARPS = min(xf)
     return {k2: (v2[0], v2[2]) for k2, v2 in best.items()}

@@ -101,26 +101,6 @@ def test_interp_inference_forward_matches_reference(kind, d, V, patches):
 
 
 @interp
-@pytest.mark.parametrize("which,inverse", [(0, False), (1, False), (2, True), (3, True)])
-def test_interp_head_loop_pass_equals_per_head_pass(which, inverse):
-    """The pair pass (one launch for two tensors, heads looped inside, tiles straddling two
-    cameras) writes what the per-(batch, head) pass writes, also in place."""
-    B, h, V, patches, d = 2, 3, 3, (4, 5), 48       # 20 tokens per view, 16-token tiles
-    image = (56, 70)
-    q, k, v, w2c, K = make_inputs(B=B, h=h, V=V, patches=patches, d=d, image=image, seed=11)
-    g = prope_triton._geometry(w2c.float(), K.float(), patches, image, d, q.device)
-    x1, x2 = q.float(), k.float()
-    want1, want2 = torch.empty_like(x1), torch.empty_like(x2)
-    prope_triton._transform(x1, want1, g, which, inverse)
-    prope_triton._transform(x2, want2, g, which, inverse)
-    got1, got2 = x1.clone(), x2.clone()
-    prope_triton._transform2(got1, got1, got2, got2, g, which, inverse)   # in place
-    torch.testing.assert_close(got1, want1, rtol=1e-6, atol=1e-6)
-    torch.testing.assert_close(got2, want2, rtol=1e-6, atol=1e-6)
-    assert not torch.equal(got1, x1)
-
-
-@interp
 def test_interp_strided_inputs_and_batch():
     """(B, N, h, d) tensors viewed as (B, h, N, d): non-contiguous token/head strides; B = 2."""
     B, h, V, patches, d = 2, 2, 2, (2, 3), 32
