@@ -9,33 +9,40 @@ Design ("pre-applied in one pass", issue #3): the main loops are plain flash att
 tensors, so they run at flash-attention speed; the per-token transforms happen outside them.
 - Every transform is one per-token map x -> M_c x (4-chunks) + RoPE rotation, `_xform`, on an
   fp32 register tile: the camera part is a dot with blockdiag(M_c^T) (one per camera present in
-  the tile, at most 2 when the tile is not longer than a view), the RoPE partner swap a dot with
-  a signed permutation, cos/sin come from small (ph*pw, d) tables; all loads are contiguous.
-  The dots run in tf32 for bf16 (inside bf16's rounding), tf32x3 for fp16, exact for fp32.
-  Camera matrices come from one small kernel (`_geometry_kernel`), the RoPE tables are cached
-  per (patches, d, device).
-- Forward: one pre-pass writes k' and v' (input dtype) to scratch; the attention kernel
-  transforms q as it loads its query block, runs the standard online-softmax loop (one dot over
-  the full head dim for QK^T and one for PV, exp2, fp32 statistics) and transforms o = D o' in
-  registers as it stores it. Saved for the backward: q, k, v, o (no copies) and the fp32
-  log2-sum-exp (B, h, N).
-- Backward: pre-pass q' and do' = D^T do into scratch, k' and v' into the dk / dv buffers.
-  The dq kernel (query block, loop over keys) also writes delta = rowsum(o * do) (equal to
-  rowsum(o' * do')) and stores dq = D dq' like the forward's o; the dk/dv kernel (key block,
-  loop over queries) reads its k', v' block and overwrites it with dk', dv'; a post-pass applies
-  dk = D^-T dk', dv = D^-T dv' in place (in the dk/dv kernel the transform dots made ptxas
-  serialise its wgmma).
-- The trade-off: transient memory. The forward holds k', v' (2 tensors the size of k) during the
-  call, the backward q', do' (2 tensors); all are freed before the call returns, none is saved.
-  So the forward's peak is plain attention's + LSE + 2 tensors; the forward+backward peak stays
-  at plain attention's (see launch/results/profile_kernels_h100_2026-11-24.md). dk and dv are
-  rounded twice in 16-bit (dk', then dk), as in the unfused reference.
+  the tile, at most 2 when the tile is not longer than a view); the RoPE partners come from a
+  second load of the same rows in the transform pass (cache hits) or a signed-permutation dot
+  on register tiles (q, o, dq); cos/sin are gathered from (2, max(ph, pw), d/8) angle tables
+  (a few KiB, L1-resident). The dots run in tf32 for bf16 (inside bf16's rounding), tf32x3 for
+  fp16, exact for fp32. Camera matrices come from one small kernel (`_geometry_kernel`), the
+  angle tables are cached per (patches, d, device).
+- Forward ("prepass", the default): one pass each writes k' and v' (input dtype) to scratch;
+  the attention kernel transforms q as it loads its query block, runs the standard
+  online-softmax loop (K/V tiles through TMA descriptors on Hopper; one dot over the full head
+  dim for QK^T and one for PV, exp2, fp32 statistics) and transforms o = D o' in registers as it
+  stores it. Saved for the backward: q, k, v, o (no copies) and the fp32 log2-sum-exp (B, h, N).
+  `set_forward(..., "merged")` selects kernels/prope_fwd_inloop.py instead: no scratch at all
+  (the transforms run inside the key loop), slower.
+- Backward ("two_kernel"): passes q' and do' = D^T do into scratch, k' and v' into the dk / dv
+  buffers. The dq kernel (query block, loop over keys) also writes delta = rowsum(o * do)
+  (equal to rowsum(o' * do')) and stores dq = D dq' like the forward's o; the dk/dv kernel (key
+  block, loop over queries) reads its k', v' block and overwrites it with dk', dv'; a post-pass
+  applies dk = D^-T dk', dv = D^-T dv' in place (in the dk/dv kernel the transform dots made
+  ptxas serialise its wgmma). `set_backward("atomic")` (the default at d = 64 on Hopper, where
+  it measured faster) runs kernels/prope_triton_bwd.py: one kernel, 5 matmuls, dq by TMA
+  reduce-add into an fp32 accumulator.
+- The trade-off: transient memory. The prepass forward holds k', v' (2 tensors the size of k)
+  during the call, the backward q', do' (2 tensors; the atomic one do' and the fp32 dq
+  accumulator); all are freed before the call returns, none is saved. So the default forward's
+  peak is plain attention's + LSE + 2 tensors, the no-scratch forward's is plain attention's +
+  LSE; the two-kernel forward+backward peak equals cuDNN's. dk and dv are rounded twice in
+  16-bit (dk', then dk), as in the unfused reference.
 - Head dims that are not powers of two (d = 48) run padded to the next one (64) in registers
   (a third more tensor-core work; memory holds d columns only). Tokens need not align with
   blocks: each row carries its camera.
 - Speed (H100, bf16, launch/results/profile_kernels_h100_2026-11-24.md): d = 64, N = 10368:
-  352 TFLOP/s forward, 332 forward+backward (SDPA flash 308 / 291, cuDNN 452 / 432); d = 48:
-  270 / 252 (padding); d = 128: 325 / 326.
+  389 TFLOP/s forward, 382 forward+backward (SDPA flash 315 / 286, cuDNN 452 / 438; the PyTorch
+  reference 205 / 250); d = 48: 293 / 283 (padding); d = 128: 349 / 356; no-scratch forward
+  231 at d = 64.
 
 Supported: bf16/fp32 on CUDA with d % 8 == 0 and 16 <= d <= 128, fp16 with d <= 64 (see
 `_precisions`); other d, fp16 at d > 64 and float64 use the reference. On CPU it runs under the
@@ -669,7 +676,7 @@ class _PRoPEAttention(torch.autograd.Function):
             o, lse = _forward(q, k, v, g)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.geometry = g
-        ctx.backward_kind = _BACKWARD["kind"]
+        ctx.backward_kind = _backward_kind(q)
         return o
 
     @staticmethod
@@ -689,11 +696,22 @@ class _PRoPEAttention(torch.autograd.Function):
 # (kernels/prope_fwd_inloop.py: no scratch, o and the LSE are all it allocates; slower).
 _FORWARD = {"train": "prepass", "infer": "prepass"}
 FORWARDS = ("prepass", "merged")
-# Which backward runs: "two_kernel" (dq kernel + dk/dv kernel, 7 matmuls, scratch q', do') or
+# Which backward runs: "two_kernel" (dq kernel + dk/dv kernel, 7 matmuls, scratch q', do'),
 # "atomic" (kernels/prope_triton_bwd.py: one kernel, 5 matmuls, dq by TMA reduce-add into an fp32
-# accumulator: one more tensor's worth of memory). Recorded with the forward call.
-_BACKWARD = {"kind": "two_kernel"}
-BACKWARDS = ("two_kernel", "atomic")
+# accumulator: one more tensor's worth of memory) or "auto": atomic at d = 64 on Hopper, where it
+# measured faster (H100: 8.06 vs 8.38 ms forward+backward at N = 10368; equal time at d = 48,
+# 128 and on short sequences, where the two-kernel one needs less memory). Recorded with the
+# forward call.
+_BACKWARD = {"kind": "auto"}
+BACKWARDS = ("auto", "two_kernel", "atomic")
+
+
+def _backward_kind(q: Tensor) -> str:
+    kind = _BACKWARD["kind"]
+    if kind == "auto":
+        from kernels.prope_triton_bwd import dq_tma_available
+        kind = "atomic" if q.shape[-1] == 64 and dq_tma_available(q) else "two_kernel"
+    return kind
 
 
 def set_backward(kind: str) -> None:

@@ -83,7 +83,7 @@ def backends():
             with sdpa_kernel([kind]):
                 return F.scaled_dot_product_attention(q, k, v)
         return f
-    def fused(train="prepass", infer="prepass", bwd="two_kernel"):
+    def fused(train="prepass", infer="prepass", bwd="auto"):
         def f(q, k, v, *cam):
             saved = dict(pt._FORWARD), dict(pt._BACKWARD)
             pt.set_forward(train=train, infer=infer)
@@ -96,6 +96,7 @@ def backends():
         return f
     out = {
         "fused_prope": fused(),
+        "fused_prope_two_kernel_bwd": fused(bwd="two_kernel"),
         "fused_prope_atomic_bwd": fused(bwd="atomic"),
         "fused_prope_noscratch_fwd": fused(train="merged", infer="merged"),
         "reference_prope": lambda q, k, v, *cam: prope_attention_ref(q, k, v, *cam),

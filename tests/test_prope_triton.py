@@ -101,6 +101,30 @@ def test_interp_inference_forward_matches_reference(kind, d, V, patches):
 
 
 @interp
+def test_interp_atomic_backward_through_autograd():
+    """set_backward("atomic") at forward time routes .backward() to the one-kernel backward."""
+    patches, V, d = (5, 7), 2, 64
+    image = (70, 98)
+    q, k, v, w2c, K = make_inputs(B=1, h=2, V=V, patches=patches, d=d, image=image, seed=5)
+    prope_triton.set_backward("atomic")
+    try:
+        got, want = run_both(q, k, v, w2c, K, patches, image)
+    finally:
+        prope_triton.set_backward("auto")
+    for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
+        assert rel(a, b) <= 1e-4, f"{name}: relative error {rel(a, b):.2e}"
+
+
+def test_backward_choice():
+    with pytest.raises(ValueError, match="set_backward: 'fast'; choose one of"):
+        prope_triton.set_backward("fast")
+    with pytest.raises(ValueError, match="set_forward: infer='inloop'; choose one of"):
+        prope_triton.set_forward(infer="inloop")
+    # "auto" takes the atomic-dq backward only where its TMA reduce-add runs (Hopper, d = 64)
+    assert prope_triton._backward_kind(torch.empty(1, 1, 4, 64)) == "two_kernel"
+
+
+@interp
 def test_interp_strided_inputs_and_batch():
     """(B, N, h, d) tensors viewed as (B, h, N, d): non-contiguous token/head strides; B = 2."""
     B, h, V, patches, d = 2, 2, 2, (2, 3), 32
