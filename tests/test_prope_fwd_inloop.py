@@ -5,10 +5,6 @@ tests/test_prope_triton.py for why): o within 1e-4 relative of the float64 refer
 to the pre-pass forward's (the backward reads it). GPU (marker `gpu`): bf16 / fp16 error against
 float64 at most 2x that of the reference run in the same dtype.
 """
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -17,27 +13,9 @@ from kernels import prope_attention_ref
 from kernels import prope_triton
 from kernels.prope_fwd_inloop import forward_merged
 from tests.test_prope_ref import make_inputs
+from tests.triton_interp import interp, interpreter_subprocess_test, rel
 
-ON_INTERPRETER = prope_triton.interpreted()
-interp = pytest.mark.skipif(not ON_INTERPRETER, reason="interpreter cases run in a subprocess "
-                            "(test_interpreter_cases_in_subprocess)")
-
-
-@pytest.mark.skipif(ON_INTERPRETER or torch.cuda.is_available(),
-                    reason="already interpreted in-process / GPU present")
-def test_interpreter_cases_in_subprocess():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__).resolve()), "-k", "test_interp_"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+test_interpreter_cases_in_subprocess = interpreter_subprocess_test(__file__)
 
 
 def _inputs(d, V, patches, seed, device="cpu"):

@@ -9,10 +9,6 @@ GPU (marker `gpu`): bf16 / fp16, error against float64 at most 2x that of the Py
 run in the same dtype.
 """
 import math
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 import torch
@@ -21,28 +17,10 @@ from kernels import PRoPECameras, attention, prope_attention_ref, use_backend
 from kernels import prope_triton
 from kernels.prope_triton import prope_attention
 from tests.test_prope_ref import make_inputs
+from tests.triton_interp import ON_INTERPRETER, interp, interpreter_subprocess_test, rel
 
 
-ON_INTERPRETER = prope_triton.interpreted()
-interp = pytest.mark.skipif(not ON_INTERPRETER, reason="interpreter cases run in a subprocess "
-                            "(test_interpreter_cases_in_subprocess)")
-
-
-@pytest.mark.skipif(ON_INTERPRETER or torch.cuda.is_available(),
-                    reason="already interpreted in-process / GPU present")
-def test_interpreter_cases_in_subprocess():
-    root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "TRITON_INTERPRET": "1",
-           "PYTHONPATH": os.pathsep.join([str(root), os.environ.get("PYTHONPATH", "")])}
-    res = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider",
-                          str(Path(__file__).resolve()), "-k", "test_interp_"],
-                         cwd=root, env=env, capture_output=True, text=True, timeout=1200)
-    assert res.returncode == 0, res.stdout[-6000:] + res.stderr[-3000:]
-    assert " passed" in res.stdout and "skipped" not in res.stdout.splitlines()[-1], res.stdout
-
-
-def rel(a, b):
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+test_interpreter_cases_in_subprocess = interpreter_subprocess_test(__file__)
 
 
 def run_both(q, k, v, w2c, K, patches, image, fused_dtype=torch.float32, device="cpu", seed=1):
