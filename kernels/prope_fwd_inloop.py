@@ -1,8 +1,9 @@
 """No-scratch PRoPE forward with a flash-attention-shaped main loop (`_prope_fwd_merged`).
 
-Same contract as `prope_triton._forward` (the pre-pass forward) (o in q's dtype, fp32 log2-sum-exp (B, h, N) as
-`_prope_fwd` stores it; nothing else is allocated), but per key tile ONE QK^T dot over the full
-padded head dim DP and ONE PV dot into ONE accumulator, like the pre-pass kernel `_prope_fwd`.
+Same contract as the pre-pass forward `prope_triton._forward` (o in q's dtype, fp32
+log2-sum-exp (B, h, N) as `_prope_fwd` stores it) but nothing else is allocated; per key tile
+ONE QK^T dot over the full padded head dim DP and ONE PV dot into ONE accumulator, like the
+pre-pass kernel `_prope_fwd`. Selected by `prope_triton.set_forward(infer="merged")`.
 
 Math (reference.md section 3; q' = D^T q, k' = D^-1 k, v' = D^-1 v, o = D o'):
 - Channel order. Dot products are invariant to a common permutation of q and k channels and o's
@@ -39,6 +40,9 @@ tile), against `_prope_fwd` (TMA=False) at its H100 config 128x64, 4 warps, 4 st
                         against the prepass's 8.4, 128x64/4w's 12.0)
 The extra work per tile is the K/V round trip shared -> registers -> rotate -> shared (two
 more barriers) and the cos/sin loads; per query row it shrinks with BM.
+H100 (launch/results/profile_kernels_h100_2026-11-24.md, sweeps beside it): 231 TFLOP/s at
+d = 64 (256x64, 8 warps, 3 stages; 128-row configs 110-116), 135 at d = 48, 225 at d = 128,
+against the pre-pass forward's 389 / 293 / 349; its peak memory is plain attention's.
 """
 from __future__ import annotations
 
