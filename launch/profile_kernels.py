@@ -1,13 +1,16 @@
 """Attention kernel benchmark (GPU): TFLOP/s and peak memory, forward, backward and both.
 
-Backends: the fused PRoPE kernel (kernels/prope_triton.py), its PyTorch reference (transforms
-around SDPA), plain SDPA flash (FA2), plain SDPA cuDNN, flash-attn when installed (FA2 API or
-FA4's flash_attn.cute). Shapes: GLD backbone (B 2, 16 heads, d 48, 8 views of 36x36), d 64,
+Backends: the fused PRoPE kernel (kernels/prope_triton.py) with its default modes and with each
+backward / the no-scratch forward forced (`fused_prope_two_kernel_bwd`, `fused_prope_atomic_bwd`,
+`fused_prope_noscratch_fwd`), its PyTorch reference (transforms around SDPA), plain SDPA flash
+(FA2), plain SDPA cuDNN, flash-attn when installed (FA2 API or FA4's flash_attn.cute). Shapes: GLD backbone (B 2, 16 heads, d 48, 8 views of 36x36), d 64,
 GLD head (d 128), and short sequences (B 4, 8 views of 18x18).
 
 FLOPs: forward 4 B h N^2 d, backward 2.5x that (the usual convention; PRoPE's transforms are not
 counted). Times: triton.testing.do_bench medians on random bf16 data. Peak memory: the most
-allocated above the inputs during one forward (and forward + backward, grads included).
+allocated above the inputs during one forward without grad ("inference"), one with grad, and a
+forward + backward (grads included). `--sweep` times each kernel's block configs (and TMA on /
+off) alone and keeps the fastest for the table.
 
     python launch/profile_kernels.py --out DIR [--check] [--sweep] [--shapes backbone,d64]
 Writes DIR/profile_kernels.json and DIR/profile_kernels.md; prints the table last.
@@ -17,7 +20,6 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import math
 import os
 import platform
 import sys
@@ -168,12 +170,13 @@ def check(shape, dtype):
         o = fn(*ins, w2c, K, patches, image)
         o.backward(do.to(dt))
         res[name] = [o.detach()] + [t.grad for t in ins]
-        with torch.no_grad():   # the inference forward (another kernel: no scratch)
+        with torch.no_grad():   # the inference forward (no graph: see set_forward)
             res[name].append(fn(*(t.detach() for t in ins), w2c, K, patches, image))
     out = {}
+    want = res["fp64"][:4] + [res["fp64"][0]]
     for name in ("fused", "reference"):
         out[name] = {n: rel(a, b) for n, a, b in zip(("o", "dq", "dk", "dv", "o_infer"),
-                                                       res[name], res["fp64"][:4] + [res["fp64"][0]])}
+                                                       res[name], want)}
     out["ratio"] = {n: out["fused"][n] / out["reference"][n] for n in out["fused"]}
     return out
 
@@ -204,8 +207,7 @@ def sweep(shape, dtype, log, kinds=None):
         if kinds and kind not in kinds:
             continue
         tma_choices = (True, False) if kind in ("fwd", "dq", "dkdv") else (pt._TMA,)
-        for c in cfgs:
-          for tma in tma_choices:
+        for c, tma in [(c, t) for c in cfgs for t in tma_choices]:
             cfg = pt.FusedConfig(*c)
             pt.set_config(kind, dp, cfg)
             pt._TMA = tma
