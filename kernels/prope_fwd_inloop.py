@@ -54,10 +54,20 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels.prope_triton import (LOG2E, FusedConfig, _Geometry, _mix_one, _padded,
-                                  _precisions, _rope_pairs_tables)
+from kernels.prope_triton import LOG2E, _Geometry, _padded, _precisions, _with_fallback
 
-__all__ = ["forward_merged", "SWEEP_CONFIGS", "DEFAULTS", "merged_order"]
+__all__ = ["forward_merged", "SWEEP_CONFIGS", "merged_order"]
+
+
+@triton.jit
+def _mix_one(x, mat, HALF: tl.constexpr, DH: tl.constexpr, XPREC: tl.constexpr):
+    """x (BT, DH) fp32 -> every 4-chunk of columns [0, HALF) times the one 4x4 matrix at mat
+    (out_i = sum_j M[i, j] x_j), as a dot with blockdiag(M^T); columns >= HALF become 0."""
+    ri = tl.arange(0, DH)[:, None]
+    c = tl.arange(0, DH)[None, :]
+    blk = ((ri // 4) == (c // 4)) & (c < HALF)
+    g = tl.load(mat + (c % 4) * 4 + (ri % 4), mask=blk, other=0.0)
+    return tl.dot(x, g, input_precision=XPREC)
 
 
 @triton.jit
@@ -303,10 +313,8 @@ SWEEP_CONFIGS = {
     48: [(256, 64, 8, 3), (256, 64, 8, 2), (128, 64, 4, 4), (128, 64, 8, 3)],
     128: [(128, 64, 8, 3), (128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 3)],
 }
-# Default per padded head dim (untimed guesses from the SASS; replace after the sweep).
-DEFAULTS = {16: FusedConfig(128, 64, 4, 3), 32: FusedConfig(128, 64, 4, 3),
-            64: FusedConfig(256, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)}
-_FALLBACKS = (FusedConfig(128, 64, 8, 2), FusedConfig(64, 64, 4, 2), FusedConfig(32, 32, 4, 1))
+# Defaults per padded head dim: prope_triton's config table (kind "merged"), with its
+# set_config overrides and out-of-resources fallbacks.
 
 
 def merged_order(d: int) -> tuple[int, bool]:
@@ -327,8 +335,7 @@ def _frame_mats(mats: Tensor) -> tuple[Tensor, Tensor, Tensor]:
 
 
 def forward_merged(q: Tensor, k: Tensor, v: Tensor, g: _Geometry, patches,
-                   cfg: Optional[FusedConfig] = None, order: Optional[int] = None
-                   ) -> tuple[Tensor, Tensor]:
+                   order: Optional[int] = None) -> tuple[Tensor, Tensor]:
     """(o, lse) like `prope_triton._forward`: o in q's dtype, lse fp32 (B, h, N)
     log2-sum-exp as `_prope_fwd` stores it. q, k, v (B, h, N, d) with unit last stride."""
     B, H, N, d = q.shape
@@ -340,26 +347,18 @@ def forward_merged(q: Tensor, k: Tensor, v: Tensor, g: _Geometry, patches,
     ordr, gather = merged_order(d)
     if order is not None:      # tests / experiments: force the interleaved order (a gather)
         ordr, gather = order, gather or order == 1
-    cos, sin, pmax = _rope_pairs_tables(tuple(patches), d, q.device)
     mq, msw, mend = _frame_mats(g.mats)
     mprec, xprec = _precisions(q.dtype, not q.is_cuda)
     aprec = xprec if xprec == "ieee" else "tf32x3"
-    if not q.is_cuda:
-        cfgs = [FusedConfig(16, 16, 1, 1)]
-    else:
-        cfgs = [cfg or DEFAULTS.get(dp, DEFAULTS[64])] + list(_FALLBACKS)
-    for i, c in enumerate(cfgs):
+
+    def launch_with(c):
         launch = {} if not q.is_cuda else dict(num_warps=c.num_warps, num_stages=c.num_stages)
-        try:
-            _prope_fwd_merged[(triton.cdiv(N, c.block_m), B * H)](
-                q, k, v, o, lse, mq, msw, mend, cos, sin,
-                q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-                o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, patches[1],
-                pmax, LOG2E / math.sqrt(d), D=d, DP=dp, Q8=d // 8, Q8P=dp // 8, BM=c.block_m,
-                BN=c.block_n, ORDER=ordr, GATHER=gather, MPREC=mprec, XPREC=xprec, APREC=aprec,
-                **launch)
-            break
-        except triton.runtime.errors.OutOfResources:
-            if i == len(cfgs) - 1:
-                raise
+        _prope_fwd_merged[(triton.cdiv(N, c.block_m), B * H)](
+            q, k, v, o, lse, mq, msw, mend, g.ct, g.st,
+            q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
+            o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, g.pw,
+            g.pmax, LOG2E / math.sqrt(d), D=d, DP=dp, Q8=d // 8, Q8P=dp // 8, BM=c.block_m,
+            BN=c.block_n, ORDER=ordr, GATHER=gather, MPREC=mprec, XPREC=xprec, APREC=aprec,
+            **launch)
+    _with_fallback("merged", q, launch_with)
     return o, lse

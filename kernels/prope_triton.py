@@ -372,17 +372,6 @@ def _prope_bwd_dkdv(QP, DOP, DK, DV, LSE, DELTA, QD, DOD,
     tl.store(dv_rows + c, dv.to(DV.dtype.element_ty), mask=kmask)
 
 
-@triton.jit
-def _mix_one(x, mat, HALF: tl.constexpr, DH: tl.constexpr, XPREC: tl.constexpr):
-    """x (BT, DH) fp32 -> every 4-chunk of columns [0, HALF) times the one 4x4 matrix at mat
-    (out_i = sum_j M[i, j] x_j), as a dot with blockdiag(M^T); columns >= HALF become 0."""
-    ri = tl.arange(0, DH)[:, None]
-    c = tl.arange(0, DH)[None, :]
-    blk = ((ri // 4) == (c // 4)) & (c < HALF)
-    g = tl.load(mat + (c % 4) * 4 + (ri % 4), mask=blk, other=0.0)
-    return tl.dot(x, g, input_precision=XPREC)
-
-
 # ----------------------------------------------------------------------------------------------
 # launcher
 # ----------------------------------------------------------------------------------------------
@@ -402,7 +391,10 @@ _DEFAULTS = {
     "fwd": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 128, 8, 3)},
     "dq": {64: FusedConfig(128, 64, 4, 4), 128: FusedConfig(128, 64, 8, 3)},
     "dkdv": {64: FusedConfig(32, 128, 4, 4), 128: FusedConfig(64, 128, 8, 3)},
-    "merged": {64: FusedConfig(256, 64, 8, 3), 128: FusedConfig(128, 64, 8, 3)},
+    # no-scratch forward (kernels/prope_fwd_inloop.py): 256-row blocks halve the per-key
+    # rotation work per query row (H100 sweep at d = 64 and 48); below d = 64 smaller blocks
+    "merged": {32: FusedConfig(128, 64, 4, 3), 64: FusedConfig(256, 64, 8, 3),
+               128: FusedConfig(128, 64, 8, 3)},
 }
 _XFORM_BLOCK = 64
 _XFORM_WARPS = 4
@@ -410,8 +402,8 @@ _overrides: dict = {}
 
 
 def set_config(kind: str, dp: int, cfg: Optional[FusedConfig]) -> None:
-    """Override the launch config of one kernel ("fwd", "dq", "dkdv") for padded head dim dp
-    (the next power of two >= d; benchmarks)."""
+    """Override the launch config of one kernel ("fwd", "dq", "dkdv", "merged") for padded head
+    dim dp (the next power of two >= d; benchmarks)."""
     if cfg is None:
         _overrides.pop((kind, dp), None)
     else:
@@ -547,10 +539,15 @@ def _transform(x: Tensor, y: Tensor, g: _Geometry, which: int, inverse: bool) ->
         **launch)
 
 
+@functools.lru_cache(maxsize=None)
+def _hopper_or_newer(device: torch.device) -> bool:
+    return torch.cuda.get_device_capability(device)[0] >= 9
+
+
 def _use_tma(x: Tensor) -> bool:
     """TMA descriptors for the forward's k' / v' loads (contiguous scratch on a Hopper+ GPU)."""
     return (_TMA and x.is_cuda and x.is_contiguous() and _TensorDescriptor is not None
-            and torch.cuda.get_device_capability(x.device)[0] >= 9)
+            and _hopper_or_newer(x.device))
 
 
 def _launch_fwd(q, kp, vp, o, lse, g: _Geometry) -> None:

@@ -125,27 +125,29 @@ def bench(fn, q, k, v, cam, fl):
     def step():
         fn(qg, kg, vg, *cam).backward(do)
     both = do_bench(step, warmup=50, rep=400, grad_to_none=[qg, kg, vg], return_mode="median")
-    with torch.no_grad():   # inference: no graph, nothing saved
-        infer = do_bench(lambda: fn(q, k, v, *cam), warmup=50, rep=300, return_mode="median")
+    def start():
+        """Reset the peak counter; returns what is allocated now (inputs, do)."""
         torch.cuda.synchronize()
         torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        o = fn(q, k, v, *cam)
+        return torch.cuda.memory_allocated()
+
+    def peak_above(base):
         torch.cuda.synchronize()
-        peak_infer = torch.cuda.max_memory_allocated() - base
+        return torch.cuda.max_memory_allocated() - base
+
+    with torch.no_grad():   # inference: no graph, nothing saved
+        infer = do_bench(lambda: fn(q, k, v, *cam), warmup=50, rep=300, return_mode="median")
+        base = start()
+        o = fn(q, k, v, *cam)
+        peak_infer = peak_above(base)
         del o
-    # Peak memory above the inputs (and do).
     for t in (qg, kg, vg):
         t.grad = None
-    torch.cuda.synchronize()
-    torch.cuda.reset_peak_memory_stats()
-    base = torch.cuda.memory_allocated()
+    base = start()
     o = fn(qg, kg, vg, *cam)
-    torch.cuda.synchronize()
-    peak_fwd = torch.cuda.max_memory_allocated() - base
+    peak_fwd = peak_above(base)
     o.backward(do)
-    torch.cuda.synchronize()
-    peak_both = torch.cuda.max_memory_allocated() - base
+    peak_both = peak_above(base)
     del o
     bwd = both - fwd
     return dict(infer_ms=infer, infer_tflops=fl / infer * 1e-9, peak_infer_mib=peak_infer / 2**20,
@@ -196,8 +198,7 @@ def sweep(shape, dtype, log, kinds=None):
     delta = torch.empty_like(lse)
     dk, dv = kp.clone(), vp.clone()
     runs = {"fwd": lambda: pt._launch_fwd(q, kp, vp, o, lse, g),
-            "merged": lambda: fm.forward_merged(q, k, v, g, patches, cfg=pt._config("merged", d,
-                                                                                   False)),
+            "merged": lambda: fm.forward_merged(q, k, v, g, patches),
             "dq": lambda: pt._launch_dq(qp, dop, kp, vp, o, do, dq, lse, delta, g),
             "dkdv": lambda: pt._launch_dkdv(qp, dop, dk, dv, lse, delta)}
     best = {}
