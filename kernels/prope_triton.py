@@ -662,15 +662,24 @@ def _backward(q, k, v, o, lse, do, g: _Geometry):
     return dq, dk, dv
 
 
+def _run_forward(kind: str, q, k, v, g: _Geometry, patches) -> tuple[Tensor, Tensor]:
+    """(o, lse) from the forward kernel `kind` (see `set_forward`); "ws" runs where
+    kernels/prope_fwd_ws.py supports q and the pre-pass forward elsewhere."""
+    if kind == "merged":
+        from kernels.prope_fwd_inloop import forward_merged
+        return forward_merged(q, k, v, g, patches)
+    if kind == "ws":
+        from kernels import prope_fwd_ws
+        if prope_fwd_ws.supported(q):
+            return prope_fwd_ws.forward_ws(q, k, v, g)
+    return _forward(q, k, v, g)
+
+
 class _PRoPEAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, k, v, g: _Geometry, patches):
         q, k, v = (_dense(x) for x in (q, k, v))
-        if _FORWARD["train"] == "merged":
-            from kernels.prope_fwd_inloop import forward_merged
-            o, lse = forward_merged(q, k, v, g, patches)
-        else:
-            o, lse = _forward(q, k, v, g)
+        o, lse = _run_forward(_FORWARD["train"], q, k, v, g, patches)
         ctx.save_for_backward(q, k, v, o, lse)
         ctx.geometry = g
         ctx.backward_kind = _backward_kind(q)
@@ -692,7 +701,7 @@ class _PRoPEAttention(torch.autograd.Function):
 # ("infer"): "prepass" (fastest; k', v' in transient scratch during the call) or "merged"
 # (kernels/prope_fwd_inloop.py: no scratch, o and the LSE are all it allocates; slower).
 _FORWARD = {"train": "prepass", "infer": "prepass"}
-FORWARDS = ("prepass", "merged")
+FORWARDS = ("prepass", "merged", "ws")
 # Which backward runs: "two_kernel" (dq kernel + dk/dv kernel, 7 matmuls, scratch q', do'),
 # "atomic" (kernels/prope_triton_bwd.py: one kernel, 5 matmuls, dq by TMA reduce-add into an fp32
 # accumulator: one more tensor's worth of memory) or "auto": atomic at d = 64 on Hopper, where it
@@ -744,7 +753,4 @@ def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
     if torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad):
         return _PRoPEAttention.apply(q, k, v, g, tuple(patches))
     q, k, v = (_dense(x) for x in (q, k, v))
-    if _FORWARD["infer"] == "merged":
-        from kernels.prope_fwd_inloop import forward_merged
-        return forward_merged(q, k, v, g, tuple(patches))[0]
-    return _forward(q, k, v, g)[0]
+    return _run_forward(_FORWARD["infer"], q, k, v, g, tuple(patches))[0]

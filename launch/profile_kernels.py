@@ -3,8 +3,12 @@
 Backends: the fused PRoPE kernel (kernels/prope_triton.py) with its default modes and with each
 backward / the no-scratch forward forced (`fused_prope_two_kernel_bwd`, `fused_prope_atomic_bwd`,
 `fused_prope_noscratch_fwd`), its PyTorch reference (transforms around SDPA), plain SDPA flash
-(FA2), plain SDPA cuDNN, flash-attn when installed (FA2 API or FA4's flash_attn.cute). Shapes: GLD backbone (B 2, 16 heads, d 48, 8 views of 36x36), d 64,
-GLD head (d 128), and short sequences (B 4, 8 views of 18x18).
+(FA2), plain SDPA cuDNN, flash-attn when installed (kernels.attention's choice: the FA2 API, else
+FA4's flash_attn.cute), and `flash_attn_4` (FA4 itself; a row saying "unavailable" and why when
+it does not import: launch/fa4_wheels.sh carries it to the GPU machine). Shapes: GLD backbone
+(B 2, 16 heads, d 48, 8 views of 36x36), d 64, GLD head (d 128), and short sequences (B 4, 8
+views of 18x18). A backend that cannot run a shape (FA4 outside its head dims) gets an
+"unsupported" row with the reason; other failures an "error" row.
 
 FLOPs: forward 4 B h N^2 d, backward 2.5x that (the usual convention; PRoPE's transforms are not
 counted). Times: triton.testing.do_bench medians on random bf16 data. Peak memory: the most
@@ -13,12 +17,14 @@ forward + backward (grads included). `--sweep` times each kernel's block configs
 off) alone and keeps the fastest for the table.
 
     python launch/profile_kernels.py --out DIR [--check] [--sweep] [--shapes backbone,d64]
+    python launch/profile_kernels.py --list [--backends ...]   # names and availability, no GPU
 Writes DIR/profile_kernels.json and DIR/profile_kernels.md; prints the table last.
 """
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
 import json
 import os
 import platform
@@ -79,7 +85,51 @@ def make(shape, dtype, device="cuda", seed=0, B=None, h=None):
     return q, k, v, w2c, K, patches, image
 
 
-def backends():
+class Unsupported(Exception):
+    """A backend that cannot run this shape (e.g. a head dim its kernels lack): the row records
+    the reason as "unsupported" instead of an error, and the run goes on."""
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+def flash_attn_4():
+    """FlashAttention-4 (pip `flash-attn-4`, module `flash_attn.cute`): the backend function, or
+    the one-line reason it does not import (then its rows say "unavailable").
+
+    Imported here, not at module level: a failed import must not stop the other backends, and
+    the import (CuTe-DSL's MLIR libraries, ~235 MB) is paid only when the backend is asked for.
+    API (4.0.0b36): `flash_attn_func(q, k, v, softmax_scale=None, causal=False, ...)` on
+    (B, N, h, d) fp16/bf16 CUDA tensors (last stride 1: our transposed views pass without a copy),
+    returning `(out, lse)` (lse None unless grads or `return_lse`); an autograd function, so
+    `.backward()` works. On sm90 (H100) forward and backward both have kernels for head dims 8
+    to 256 divisible by 8 (its `_validate_head_dims`; d 48, 64 and 128 pass, not yet run here;
+    the sm90 kernels pad d to a multiple of 16, the backward above d 128 to 64); other head dims
+    fail that assertion, recorded as unsupported. Each new (head dim, dtype, grad or not)
+    compiles on its first call (seconds), which do_bench's untimed first call absorbs.
+    """
+    try:
+        from flash_attn.cute import flash_attn_func
+    except Exception as e:  # ImportError, or cutlass failing to load its libraries
+        return _one_line(e)
+
+    def f(q, k, v, *cam):
+        try:
+            o = flash_attn_func(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2),
+                                softmax_scale=q.shape[-1] ** -0.5)
+        except (AssertionError, NotImplementedError) as e:  # its head-dim / arch checks
+            raise Unsupported(_one_line(e)) from e
+        if isinstance(o, tuple):  # (out, lse)
+            o = o[0]
+        return o.transpose(1, 2)
+    return f
+
+
+def backends(names=()):
+    """Backend name -> function(q, k, v, w2c, K, patches, image) on (B, h, N, d), or -> a string
+    saying why it is unavailable. `names` (default all) limits the lazily imported ones."""
     def sdpa(kind):
         def f(q, k, v, *cam):
             with sdpa_kernel([kind]):
@@ -101,12 +151,15 @@ def backends():
         "fused_prope_two_kernel_bwd": fused(bwd="two_kernel"),
         "fused_prope_atomic_bwd": fused(bwd="atomic"),
         "fused_prope_noscratch_fwd": fused(train="merged", infer="merged"),
+        "fused_prope_ws_fwd": fused(train="ws", infer="ws"),
         "reference_prope": lambda q, k, v, *cam: prope_attention_ref(q, k, v, *cam),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),
     }
     if flash_attn_available():
         out["flash_attn"] = lambda q, k, v, *cam: _flash_attn(q, k, v)
+    if not names or "flash_attn_4" in names:
+        out["flash_attn_4"] = flash_attn_4()
     return out
 
 
@@ -252,9 +305,15 @@ def sweep(shape, dtype, log, kinds=None):
 
 
 def env_info():
+    def version(dist):  # of an optional package, or None
+        try:
+            return importlib.metadata.version(dist)
+        except importlib.metadata.PackageNotFoundError:
+            return None
     return dict(device=torch.cuda.get_device_name(), torch=torch.__version__,
                 triton=triton.__version__, cuda=torch.version.cuda,
                 cudnn=torch.backends.cudnn.version(), python=platform.python_version(),
+                flash_attn_4=version("flash-attn-4"), cutlass_dsl=version("nvidia-cutlass-dsl"),
                 date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
 
 
@@ -264,8 +323,9 @@ def table(results):
              "peak fwd MiB | peak fwd+bwd MiB |", "|" + "---|" * 12]
     for shape, rows in results.items():
         for name, r in rows.items():
-            if "error" in r:
-                lines.append(f"| {shape} | {name} | error: {r['error'][:60]} ||||||||||")
+            why = next((k for k in ("unavailable", "unsupported", "error") if k in r), None)
+            if why:
+                lines.append(f"| {shape} | {name} | {why}: {r[why][:60]} ||||||||||")
                 continue
             lines.append(f"| {shape} | {name} | {r['infer_tflops']:.0f} | {r['fwd_tflops']:.0f} | "
                          f"{r['bwd_tflops']:.0f} | {r['both_tflops']:.0f} | {r['infer_ms']:.3f} | "
@@ -285,7 +345,16 @@ def main():
                     help="shapes to sweep on (configs are per padded head dim: d48 runs as 64)")
     ap.add_argument("--sweep-kinds", default="", help="kernels to sweep (default all): "
                     + ",".join(SWEEP))
+    ap.add_argument("--list", action="store_true",
+                    help="print the backends (those of --backends) and whether each is available, "
+                         "then exit; needs no GPU")
     args = ap.parse_args()
+    wanted = [x for x in args.backends.split(",") if x]
+    if args.list:
+        for name, fn in backends(wanted).items():
+            if not wanted or name in wanted:
+                print(f"{name}: {'unavailable: ' + fn if isinstance(fn, str) else 'available'}")
+        return 0
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     dtype = torch.bfloat16
@@ -309,22 +378,27 @@ def main():
             print("best", name, best, flush=True)
             save()
     report["results"] = {}
-    bks = backends()
-    if args.backends:
-        bks = {k: v for k, v in bks.items() if k in args.backends.split(",")}
+    bks = backends(wanted)
+    if wanted:
+        bks = {k: v for k, v in bks.items() if k in wanted}
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         q, k, v, w2c, K, patches, image = make(shape, dtype)
         cam = (w2c, K, patches, image)
         report["results"][name] = {}
         for bname, fn in bks.items():
-            try:
-                r = bench(fn, q, k, v, cam, flops(shape))
-            except Exception as e:
-                r = dict(error=repr(e)[:300])
+            if isinstance(fn, str):  # not importable: the reason
+                r = dict(unavailable=fn)
+            else:
+                try:
+                    r = bench(fn, q, k, v, cam, flops(shape))
+                except Unsupported as e:
+                    r = dict(unsupported=str(e)[:300])
+                except Exception as e:
+                    r = dict(error=repr(e)[:300])
             report["results"][name][bname] = r
-            print(name, bname, {k2: round(v2, 3) for k2, v2 in r.items()
-                                if isinstance(v2, float)} if "error" not in r else r, flush=True)
+            times = {k2: round(v2, 3) for k2, v2 in r.items() if isinstance(v2, float)}
+            print(name, bname, times or r, flush=True)
             save()
         torch.cuda.empty_cache()
     md = table(report["results"])

@@ -1,0 +1,69 @@
+"""The warp-specialised no-scratch forward (kernels/prope_fwd_ws.py, Gluon; GPU only: Gluon has no
+CPU interpreter). bf16 / fp16 error against the float64 reference at most twice the PyTorch
+reference's in the same dtype, its LSE equal to the pre-pass forward's, the mode switch, and the
+error for inputs it does not take."""
+import pytest
+import torch
+
+from kernels import prope_attention_ref, prope_fwd_ws, prope_triton
+from tests.triton_interp import assert_within_twice, gpu_forward_case
+
+
+def test_forward_ws_rejects_what_it_does_not_support():
+    q = torch.zeros(1, 1, 4, 48)
+    assert not prope_fwd_ws.supported(q)
+    with pytest.raises(ValueError, match="forward_ws: needs Gluon, a Hopper GPU"):
+        prope_fwd_ws.forward_ws(q, q, q, None)
+
+
+def test_set_forward_accepts_ws():
+    saved = dict(prope_triton._FORWARD)
+    try:
+        prope_triton.set_forward(train="ws", infer="ws")
+        assert prope_triton._FORWARD == {"train": "ws", "infer": "ws"}
+        with pytest.raises(ValueError, match="choose one of"):
+            prope_triton.set_forward(infer="fast")
+    finally:
+        prope_triton._FORWARD.update(saved)
+
+
+def _needs_hopper():
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("needs a Hopper GPU")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (18, 18)), (8, (18, 18)), (2, (9, 20))])
+def test_gpu_ws_error_at_most_twice_reference(dtype, d, V, patches):
+    _needs_hopper()
+    ins, cams, want = gpu_forward_case(dtype, d, V, patches)
+    g = prope_triton._geometry(*cams, d, "cuda")
+    with torch.no_grad():
+        got, lse = prope_fwd_ws.forward_ws(*ins, g)
+        base = prope_attention_ref(*ins, *cams)
+        o_pre, lse_pre = prope_triton._forward(*ins, g)
+    assert got.dtype == dtype
+    assert_within_twice(("o",), [got], [base], [want])
+    torch.testing.assert_close(lse, lse_pre, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_ws_forward_trains_through_the_fused_backward():
+    """set_forward(train="ws"): the LSE it saves drives the backward to the pre-pass's grads."""
+    _needs_hopper()
+    ins, cams, _ = gpu_forward_case(torch.bfloat16, 64, 2, (18, 18))
+    grads = []
+    saved = dict(prope_triton._FORWARD)
+    try:
+        for kind in ("prepass", "ws"):
+            prope_triton.set_forward(train=kind)
+            x = [t.clone().requires_grad_() for t in ins]
+            o = prope_triton.prope_attention(*x, *cams)
+            o.backward(torch.ones_like(o))
+            grads.append([t.grad for t in x])
+    finally:
+        prope_triton._FORWARD.update(saved)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=5e-2, atol=5e-2)
