@@ -16,6 +16,7 @@ import contextlib
 import functools
 import importlib.util
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Iterator, Optional
 
@@ -77,7 +78,9 @@ def _flash_attn_func():
     try:
         from flash_attn.cute import flash_attn_func  # FlashAttention-4 (Hopper / Blackwell)
         return flash_attn_func
-    except ImportError:
+    except Exception as e:   # ImportError, or e.g. a RuntimeError from a missing CUDA flavour
+        warnings.warn(f"flash_attn.cute present but unusable ({type(e).__name__}: {e}); "
+                      f"plain attention uses PyTorch SDPA")
         return None
 
 

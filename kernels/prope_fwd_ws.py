@@ -19,9 +19,23 @@ when BN does not divide the tokens per view). The output transform reads o' back
 consumer stores it rounded to o's dtype, like the reference's attention output) with each
 thread owning whole quarter-rows, so its in-place update has no cross-thread hazards.
 
-Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims that are powers of two (64, 128);
-`supported` says when. Gluon has no CPU interpreter: its tests are GPU tests (marker `gpu`)
-against the float64 reference.
+Launch: two consumer partitions of BM = 128 query rows each (4 warps; independent warpgroups,
+so one's softmax overlaps the other's wgmma) share one producer (4 warps) and the stages; each
+thread of the producer owns the same D/4 columns of both halves of a row (whole 4-chunks, whole
+RoPE quarters), so its transform stays in registers with no shuffles.
+
+Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims 64 and 128 (key tiles of 64);
+`supported` says when; `prope_triton` runs the pre-pass forward elsewhere (d = 48 included).
+Gluon has no CPU interpreter: its tests are GPU tests (marker `gpu`) against the float64
+reference.
+
+H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/profile_kernels_fa4_ws_h100_2026-11-24.md):
+d = 64: 288 TFLOP/s forward at 42 MiB peak (plain attention's: o + LSE), against the pre-pass
+forward's 390 at 123 MiB and the earlier no-scratch kernel's 235; forward+backward 348. d = 128:
+244 at 83 MiB (pre-pass 349 at 247). Its speed is set by the producer: one consumer of 256 rows
+and two of 128 ran at the same 211 TFLOP/s until the producer's transform was halved (each half
+of a row transformed once, not both ways), which gave 279-288; prefetching the next tile's raw
+k, v into registers spilled and lost (launch/bench_fwd_ws.py times the configs in WS_CONFIGS).
 """
 from __future__ import annotations
 

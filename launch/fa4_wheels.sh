@@ -20,13 +20,14 @@
 # prebuilt addons stop at torch 2.9 (and it imports `packaging`), but tvm-ffi only imports it when
 # torch lacks Tensor.__dlpack_c_exchange_api__, which torch >= 2.10 has.
 #
-# On the GPU machine, two back-to-back calls (the machine stays warm, .fa4site/ persists):
+# On the GPU machine, two back-to-back calls (the machine stays warm; /tmp persists between them,
+# an ignored folder in the repo does not: the tree is copied afresh for each call):
 #   call 1, carry [".fa4a"]:
-#     mkdir -p .fa4site/x && tar -xJf .fa4a/cutlass_libs_cu12.tar.xz -C .fa4site/x
+#     mkdir -p /tmp/fa4site/x && tar -xJf .fa4a/cutlass_libs_cu12.tar.xz -C /tmp/fa4site/x
 #   call 2, carry [".fa4b"]:
-#     python3 -m pip install -q --no-index --no-deps --no-compile --target .fa4site/site .fa4b/*.whl \
-#       && cp -r .fa4site/x/. .fa4site/site/ \
-#       && export PYTHONPATH=.fa4site/site:.fa4site/site/nvidia_cutlass_dsl/dsl_packages:. \
+#     python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/fa4site/site .fa4b/*.whl \
+#       && cp -r /tmp/fa4site/x/. /tmp/fa4site/site/ \
+#       && export PYTHONPATH=/tmp/fa4site/site:/tmp/fa4site/site/nvidia_cutlass_dsl/dsl_packages:. \
 #       && python3 -c 'import flash_attn.cute' \
 #       && python3 launch/profile_kernels.py --out $OUT --backends flash_attn_4,sdpa_flash,sdpa_cudnn
 # The libs wheel's top-level folder (nvidia_cutlass_dsl/: cu12/lib/libcute_dsl_runtime.so and
