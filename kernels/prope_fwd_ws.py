@@ -6,18 +6,19 @@ k' = D^-1 k, v' = D^-1 v, o = D o' as it is stored), but k' and v' never reach g
 
 - a producer partition (4 warps) transforms each key tile of k and v (camera 4x4 of the tile's
   camera on the first d/2 columns, RoPE of each token on the rest) in registers and writes it
-  into a ring of shared-memory stages, signalling the consumer through mbarriers; it also
-  writes the transformed query block into shared memory first, and applies the output
-  transform at the end;
-- the consumer partition (the default warps) runs the flash-attention loop on those stages with
-  wgmma: S = q' k'^T, online softmax in fp32, O' += P v'.
+  into a ring of shared-memory stages, signalling the consumers through mbarriers;
+- the consumer partitions run the flash-attention loop on those stages with wgmma:
+  S = q' k'^T, online softmax in fp32, O' += P v'. With XFC each transforms its own query rows
+  first and its output rows last (o' in fp32 through shared memory); without, the producer does
+  both, reading o' back from o (stored rounded to o's dtype, like the reference's attention
+  output).
 So the transform work of a tile overlaps the tensor-core work of the previous ones, and peak
 memory is plain attention's (o and the LSE).
 
 Key tiles start at each camera's first token (so one 4x4 per tile; a masked tail tile per camera
-when BN does not divide the tokens per view). The output transform reads o' back from o (the
-consumer stores it rounded to o's dtype, like the reference's attention output) with each
-thread owning whole quarter-rows, so its in-place update has no cross-thread hazards.
+when BN does not divide the tokens per view). The producer's in-place output transform has each
+thread load and store the same elements (its transform reads only those): no cross-thread
+hazards.
 
 Launch: two consumer partitions of BM = 128 query rows each (4 warps; independent warpgroups,
 so one's softmax overlaps the other's wgmma) share one producer (4 warps) and the stages; each
@@ -29,13 +30,17 @@ Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims 64 and 128 (key til
 Gluon has no CPU interpreter: its tests are GPU tests (marker `gpu`) against the float64
 reference.
 
-H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/profile_kernels_fa4_ws_h100_2026-11-24.md):
-d = 64: 288 TFLOP/s forward at 42 MiB peak (plain attention's: o + LSE), against the pre-pass
-forward's 390 at 123 MiB and the earlier no-scratch kernel's 235; forward+backward 348. d = 128:
-244 at 83 MiB (pre-pass 349 at 247). Its speed is set by the producer: one consumer of 256 rows
-and two of 128 ran at the same 211 TFLOP/s until the producer's transform was halved (each half
-of a row transformed once, not both ways), which gave 279-288; prefetching the next tile's raw
-k, v into registers spilled and lost (launch/bench_fwd_ws.py times the configs in WS_CONFIGS).
+H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/profile_kernels_fa4_ws_h100_2026-11-24.md,
+launch/results/bench_fwd_ws_h100_2026-11-24.json): d = 64: 286-289 TFLOP/s forward at 42 MiB
+peak (plain attention's: o + LSE), against the pre-pass forward's 382-390 at 123 MiB and the
+earlier no-scratch kernel's 235; forward+backward 348. d = 128: 244-256 at 83 MiB (pre-pass 344
+at 244). Its speed is set by the k / v transform in the producer: one consumer of 256 rows and
+two of 128 ran at the same 211 TFLOP/s until the producer's work was halved (each half of a row
+transformed once, not both ways: 279-288); prefetching the next tile's raw k, v into registers
+spilled and lost; moving the query / output transforms to the consumers (XFC, the last config
+field) gave the same speed with o' kept in fp32 (4.7e-3 against 4.9e-3 relative to the pre-pass
+forward), and is the d = 64 default (at d = 128 its fp32 o' buffer does not fit in shared
+memory).
 """
 from __future__ import annotations
 
@@ -73,6 +78,15 @@ if gluon is not None:
         cc = gl.arange(0, D // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, TL)))[None, None, :]
         return gl.load(src + tok.to(gl.int64)[:, None, None] * s_n + hf * (D // 2) + cc,
                        mask=(tok < lim)[:, None, None], other=0.0)
+
+    @gluon.jit
+    def _store_rows(dst, s_n, tok0, lim, y, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
+        """Store y (BT, 2, D/2) in layout TL to rows tok0 + [0, BT) (< lim) of dst."""
+        tok = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, TL)))
+        hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, TL)))[None, :, None]
+        cc = gl.arange(0, D // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, TL)))[None, None, :]
+        gl.store(dst + tok.to(gl.int64)[:, None, None] * s_n + hf * (D // 2) + cc,
+                 y.to(dst.dtype.element_ty), mask=(tok < lim)[:, None, None])
 
     @gluon.jit
     def _cossin(like, tok0, lim, NV, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr):
@@ -142,19 +156,21 @@ if gluon is not None:
                   o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N, NV, PW, PMAX,
                   m0, TPC, NVIEW,
                   D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr):
-        """Producer partition (4 warps): q' into q_smem, then k', v' tiles into the ring, then
-        the output transform of o' (read back from O) in place."""
+                  BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr,
+                  XFC: gl.constexpr):
+        """Producer partition (4 warps): k', v' tiles into the ring; unless XFC, also q' into
+        q_smem first and the output transform of o' (read back from O) in place at the end."""
         # (rows, half, column in half): each thread the same D/4 columns of both halves
         TL: gl.constexpr = gl.BlockedLayout([1, 2, D // 4], [16, 1, 2], [4, 1, 1], [2, 1, 0])
         gl.static_assert(BN == 64)
-        for r0 in gl.static_range(0, NCONS * BM, BE):
+        for r0 in gl.static_range(0, NCONS * BM * (1 - XFC), BE):
             y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D, BE,
                          False, TL)
             q_smem.index(r0 // BM).slice(r0 % BM, BE).store(gl.reshape(y, [BE, D]).to(
                 q_smem.dtype))
-        fence_async_shared()
-        mbarrier.arrive(q_ready, count=1)
+        if not XFC:
+            fence_async_shared()
+            mbarrier.arrive(q_ready, count=1)
 
         # key tiles (BN rows; tile i of camera i // TPC); k and v share the tile's cos / sin
         n_tiles = NVIEW * TPC
@@ -176,22 +192,30 @@ if gluon is not None:
 
         # output transform: o = D o', o' read back from O; each thread loads and stores the
         # same elements (its transform reads only those), so the in-place update has no hazard
-        mbarrier.wait(o_ready, 0)
-        for r0 in gl.static_range(0, NCONS * BM, BE):
-            ey = _xf_rows(O + o_row0, s_on, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D, BE,
-                          True, TL)
-            etok = m0 + r0 + gl.arange(0, BE, layout=gl.SliceLayout(1, gl.SliceLayout(2, TL)))
-            hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, TL)))[None, :, None]
-            cc = gl.arange(0, D // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, TL)))[None, None, :]
-            gl.store(O + o_row0 + etok.to(gl.int64)[:, None, None] * s_on + hf * (D // 2) + cc,
-                     ey.to(O.dtype.element_ty), mask=(etok < N)[:, None, None])
+        if not XFC:
+            mbarrier.wait(o_ready, 0)
+            for r0 in gl.static_range(0, NCONS * BM, BE):
+                ey = _xf_rows(O + o_row0, s_on, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D,
+                              BE, True, TL)
+                _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, BE, TL)
 
     @gluon.jit
-    def _consumer(O, LSE, k_ring, v_ring, q_smem, ready, empty, q_ready, o_ready, o_row0, s_on,
-                  lse_row0, N, NV, m0, TPC, NVIEW, qk_scale,
+    def _consumer(Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
+                  q_ready, o_ready, q_row0, o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW,
+                  PMAX, m0, TPC, NVIEW, qk_scale,
                   D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  STAGES: gl.constexpr, CW: gl.constexpr):
-        """Consumer partition (the default CW warps): the attention loop with wgmma."""
+                  STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr):
+        """Consumer partition (CW warps): the attention loop with wgmma on BM query rows. XFC:
+        it also transforms its own query rows first and its output rows last (in fp32, through
+        o_smem), in parallel with the other consumer, instead of leaving both to the producer."""
+        TLC: gl.constexpr = gl.BlockedLayout([1, 2, D // 4], [16, 1, 2], [CW, 1, 1], [2, 1, 0])
+        RC: gl.constexpr = 16 * CW
+        if XFC:
+            for r0 in gl.static_range(0, BM, RC):
+                y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D,
+                             RC, False, TLC)
+                q_smem.slice(r0, RC).store(gl.reshape(y, [RC, D]).to(q_smem.dtype))
+            fence_async_shared()
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CW, 1],
                                                       instr_shape=[16, BN, 16])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CW, 1],
@@ -204,7 +228,8 @@ if gluon is not None:
         acc = gl.zeros([BM, DP], gl.float32, layout=O_L)
         s_zero = gl.zeros([BM, BN], gl.float32, layout=S_L)
         kcol = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))[None, :]
-        mbarrier.wait(q_ready, 0)
+        if not XFC:
+            mbarrier.wait(q_ready, 0)
         n_tiles = NVIEW * TPC
         for i in range(n_tiles):
             s = i % STAGES
@@ -228,11 +253,20 @@ if gluon is not None:
         tok_s = m0 + gl.arange(0, BM, layout=ROW_S)
         gl.store(LSE + lse_row0 + tok_s, m_i + gl.log2(l_i), mask=tok_s < N)
         o = acc * gl.convert_layout(1.0 / l_i, ROW_O)[:, None]
-        tok = m0 + gl.arange(0, BM, layout=ROW_O)
-        c = gl.arange(0, DP, layout=gl.SliceLayout(0, O_L))[None, :]
-        gl.store(O + o_row0 + tok.to(gl.int64)[:, None] * s_on + c, o.to(O.dtype.element_ty),
-                 mask=(tok < N)[:, None] & (c < D))
-        mbarrier.arrive(o_ready, count=1)
+        if XFC:
+            o_smem.store(gl.reshape(o, [BM, 2, D // 2]))
+            for r0 in gl.static_range(0, BM, RC):
+                ox = o_smem.slice(r0, RC).load(TLC)
+                _, a, _ = _halves(ox, D, RC)
+                cs, sn = _cossin(a, m0 + r0, N, NV, CS, SN, PW, PMAX, D, RC)
+                ey = _xf_vals(ox, cs, sn, m0 + r0, N, NV, MO + m_base, D, RC, True, False)
+                _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, RC, TLC)
+        else:
+            tok = m0 + gl.arange(0, BM, layout=ROW_O)
+            c = gl.arange(0, DP, layout=gl.SliceLayout(0, O_L))[None, :]
+            gl.store(O + o_row0 + tok.to(gl.int64)[:, None] * s_on + c, o.to(O.dtype.element_ty),
+                     mask=(tok < N)[:, None] & (c < D))
+            mbarrier.arrive(o_ready, count=1)
 
     @gluon.jit
     def _prope_fwd_ws(Q, K, V, O, LSE, MQ, MK, MO, CS, SN,
@@ -240,7 +274,8 @@ if gluon is not None:
                       NH, N, NV, NVIEW, PW, PMAX, TPC, qk_scale,
                       D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                       BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr,
-                      CREGS: gl.constexpr, PREGS: gl.constexpr, num_warps: gl.constexpr):
+                      CREGS: gl.constexpr, PREGS: gl.constexpr, XFC: gl.constexpr,
+                      num_warps: gl.constexpr):
         """One program: NCONS * BM query rows of one (batch, head). NCONS = 2: two consumer
         partitions of BM rows each (independent warpgroups, so one's softmax overlaps the
         other's wgmma), sharing the producer's stages."""
@@ -254,6 +289,9 @@ if gluon is not None:
         k_ring = gl.allocate_shared_memory(dt, [STAGES, BN, DP], kv_sl)
         v_ring = gl.allocate_shared_memory(dt, [STAGES, BN, DP], kv_sl)
         q_smem = gl.allocate_shared_memory(dt, [NCONS, BM, DP], q_sl)
+        o_smem = gl.allocate_shared_memory(
+            gl.float32, [NCONS if XFC else 1, BM if XFC else 1, 2, DP // 2],
+            gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -270,33 +308,36 @@ if gluon is not None:
         m_base = b * NVIEW * 16
         if NCONS == 1:
             gl.warp_specialize([
-                (_consumer, (O, LSE, k_ring, v_ring, q_smem.index(0), ready, empty, q_ready,
-                             o_ready, o_row0, s_on, lse_row0, N, NV, m0, TPC, NVIEW, qk_scale, D,
-                             DP, BM, BN, STAGES, num_warps)),
+                (_consumer, (Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
+                             o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
+                             s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
+                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC)),
                 (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, ready, empty,
                              q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N,
-                             NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
-                             NCONS))], [4], [PREGS])
+                             NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES, NCONS,
+                             XFC))], [4], [PREGS])
         else:
             gl.warp_specialize([
-                (_consumer, (O, LSE, k_ring, v_ring, q_smem.index(0), ready, empty, q_ready,
-                             o_ready, o_row0, s_on, lse_row0, N, NV, m0, TPC, NVIEW, qk_scale, D,
-                             DP, BM, BN, STAGES, num_warps)),
-                (_consumer, (O, LSE, k_ring, v_ring, q_smem.index(1), ready, empty, q_ready,
-                             o_ready, o_row0, s_on, lse_row0, N, NV, m0 + BM, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps)),
+                (_consumer, (Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
+                             o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
+                             s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
+                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC)),
+                (_consumer, (Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem.index(1),
+                             o_smem.index(NCONS - 1), ready, empty, q_ready, o_ready, q_row0, o_row0,
+                             s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0 + BM, TPC, NVIEW,
+                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC)),
                 (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, ready, empty,
                              q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N,
-                             NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
-                             NCONS))], [num_warps, 4], [CREGS, PREGS])
+                             NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES, NCONS,
+                             XFC))], [num_warps, 4], [CREGS, PREGS])
 
 
 # (BM rows per consumer, BN, warps per consumer, stages, consumers, consumer registers, producer
-# registers) to time on the H100.
-WS_CONFIGS = [(256, 64, 8, 2, 1, 0, 96), (128, 64, 4, 2, 2, 200, 112),
-              (128, 64, 4, 2, 2, 192, 120), (128, 64, 4, 3, 2, 184, 128),
-              (64, 64, 4, 3, 2, 152, 120)]
-_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 200, 112), 128: (128, 64, 4, 2, 2, 200, 112)}
+# registers, XFC: consumers transform their own query and output rows) to time on the H100.
+WS_CONFIGS = [(128, 64, 4, 2, 2, 192, 120, 0), (128, 64, 4, 2, 2, 192, 120, 1),
+              (128, 64, 4, 3, 2, 184, 128, 1), (128, 64, 4, 2, 2, 200, 112, 1),
+              (256, 64, 8, 2, 1, 0, 96, 1)]
+_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 192, 120, 1), 128: (128, 64, 4, 2, 2, 192, 120, 0)}
 _ws_override: dict = {}
 
 
@@ -325,12 +366,12 @@ def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, T
         k, v = k.contiguous(), v.contiguous()
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    bm, bn, cw, stages, ncons, cregs, pregs = _ws_override.get(d, _WS_DEFAULT[d])
+    bm, bn, cw, stages, ncons, cregs, pregs, xfc = _ws_override.get(d, _WS_DEFAULT[d])
     tpc = -(-g.per_view // bn)
     _prope_fwd_ws[(-(-N // (ncons * bm)), B * H)](
         q, k, v, o, lse, g.mats[QT], g.mats[KV], g.mats[OUT], g.ct, g.st,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax, tpc,
         LOG2E / math.sqrt(d), D=d, DP=d, BM=bm, BN=bn, BE=64, STAGES=stages,
-        NCONS=ncons, CREGS=cregs, PREGS=pregs, num_warps=cw)
+        NCONS=ncons, CREGS=cregs, PREGS=pregs, XFC=bool(xfc), num_warps=cw)
     return o, lse
