@@ -31,7 +31,7 @@ Gluon has no CPU interpreter: its tests are GPU tests (marker `gpu`) against the
 reference.
 
 H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/profile_kernels_fa4_ws_h100_2026-11-24.md,
-launch/results/bench_fwd_ws_h100_2026-11-24.json): d = 64: 286-289 TFLOP/s forward at 42 MiB
+launch/results/bench_fwd_ws_h100_2026-11-24.json): d = 64: 286-292 TFLOP/s forward at 42 MiB
 peak (plain attention's: o + LSE), against the pre-pass forward's 382-390 at 123 MiB and the
 earlier no-scratch kernel's 235; forward+backward 348. d = 128: 244-256 at 83 MiB (pre-pass 344
 at 244). Its speed is set by the k / v transform in the producer: one consumer of 256 rows and
@@ -70,29 +70,34 @@ if gluon is not None:
                 + gl.load(mp + 3) * x3)
 
     @gluon.jit
-    def _load_rows(src, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
-        """Rows tok0 + [0, BT) of src (row stride s_n) as (BT, 2, D/2) (camera half, RoPE half)
-        in layout TL, in src's dtype; rows >= lim read as 0."""
+    def _rows(base, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
+        """Pointers (BT, 2, D/2) (camera half, RoPE half) in layout TL to rows tok0 + [0, BT) of
+        base (row stride s_n), and the mask of rows < lim."""
         tok = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, TL)))
         hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, TL)))[None, :, None]
         cc = gl.arange(0, D // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, TL)))[None, None, :]
-        return gl.load(src + tok.to(gl.int64)[:, None, None] * s_n + hf * (D // 2) + cc,
-                       mask=(tok < lim)[:, None, None], other=0.0)
+        return (base + tok.to(gl.int64)[:, None, None] * s_n + hf * (D // 2) + cc,
+                (tok < lim)[:, None, None])
+
+    @gluon.jit
+    def _load_rows(src, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
+        """Rows tok0 + [0, BT) of src as (BT, 2, D/2) in layout TL, in src's dtype; rows >= lim
+        read as 0."""
+        ptrs, ok = _rows(src, s_n, tok0, lim, D, BT, TL)
+        return gl.load(ptrs, mask=ok, other=0.0)
 
     @gluon.jit
     def _store_rows(dst, s_n, tok0, lim, y, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
         """Store y (BT, 2, D/2) in layout TL to rows tok0 + [0, BT) (< lim) of dst."""
-        tok = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, TL)))
-        hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, TL)))[None, :, None]
-        cc = gl.arange(0, D // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, TL)))[None, None, :]
-        gl.store(dst + tok.to(gl.int64)[:, None, None] * s_n + hf * (D // 2) + cc,
-                 y.to(dst.dtype.element_ty), mask=(tok < lim)[:, None, None])
+        ptrs, ok = _rows(dst, s_n, tok0, lim, D, BT, TL)
+        gl.store(ptrs, y.to(dst.dtype.element_ty), mask=ok)
 
     @gluon.jit
-    def _cossin(like, tok0, lim, NV, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr):
-        """cos, sin (BT, 2 (x, y), D/8) in the layout of `like` (a RoPE pair tile) of tokens tok0 + [0, BT): angles of the
+    def _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr):
+        """cos, sin (BT, 2 (x, y), D/8) in the layout of the RoPE pairs of x (BT, 2, D/2) of tokens tok0 + [0, BT): angles of the
         token's column (x) and row (y) within its view; 0 for rows >= lim."""
         Q8: gl.constexpr = D // 8
+        _, like, _ = _halves(x, D, BT)
         AL: gl.constexpr = like.type.layout
         xy = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, AL)))[None, :, None]
         f = gl.arange(0, Q8, layout=gl.SliceLayout(0, gl.SliceLayout(1, AL)))[None, None, :]
@@ -143,13 +148,19 @@ if gluon is not None:
         return gl.convert_layout(gl.permute(gl.join(yc, yr), (0, 2, 1)), x.type.layout)
 
     @gluon.jit
+    def _xf_own(x, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr,
+                INV: gl.constexpr):
+        """`_xf_vals` of the tile x of tokens tok0 + [0, BT), each row with its own camera
+        (query / output rows)."""
+        cs, sn = _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D, BT)
+        return _xf_vals(x, cs, sn, tok0, lim, NV, MAT, D, BT, INV, False)
+
+    @gluon.jit
     def _xf_rows(src, s_n, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D: gl.constexpr,
                  BT: gl.constexpr, INV: gl.constexpr, TL: gl.constexpr):
-        """`_xf_vals` of rows tok0 + [0, BT) of src (query / output rows: per-row cameras)."""
+        """`_xf_own` of rows tok0 + [0, BT) of src."""
         x = _load_rows(src, s_n, tok0, lim, D, BT, TL)
-        _, a, _ = _halves(x, D, BT)
-        cs, sn = _cossin(a, tok0, lim, NV, CS, SN, PW, PMAX, D, BT)
-        return _xf_vals(x, cs, sn, tok0, lim, NV, MAT, D, BT, INV, False)
+        return _xf_own(x, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D, BT, INV)
 
     @gluon.jit
     def _producer(K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, ready, empty, q_ready,
@@ -163,12 +174,12 @@ if gluon is not None:
         # (rows, half, column in half): each thread the same D/4 columns of both halves
         TL: gl.constexpr = gl.BlockedLayout([1, 2, D // 4], [16, 1, 2], [4, 1, 1], [2, 1, 0])
         gl.static_assert(BN == 64)
-        for r0 in gl.static_range(0, NCONS * BM * (1 - XFC), BE):
-            y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D, BE,
-                         False, TL)
-            q_smem.index(r0 // BM).slice(r0 % BM, BE).store(gl.reshape(y, [BE, D]).to(
-                q_smem.dtype))
         if not XFC:
+            for r0 in gl.static_range(0, NCONS * BM, BE):
+                y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D,
+                             BE, False, TL)
+                q_smem.index(r0 // BM).slice(r0 % BM, BE).store(gl.reshape(y, [BE, D]).to(
+                    q_smem.dtype))
             fence_async_shared()
             mbarrier.arrive(q_ready, count=1)
 
@@ -179,8 +190,7 @@ if gluon is not None:
             tok0 = cam * NV + (i % TPC) * BN
             kx = _load_rows(K + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
             vx = _load_rows(V + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
-            _, a, _ = _halves(kx, D, BN)
-            cs, sn = _cossin(a, tok0, cam * NV + NV, NV, CS, SN, PW, PMAX, D, BN)
+            cs, sn = _cossin(kx, tok0, cam * NV + NV, NV, CS, SN, PW, PMAX, D, BN)
             kt = _xf_vals(kx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True)
             vt = _xf_vals(vx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True)
             s = i % STAGES
@@ -257,9 +267,7 @@ if gluon is not None:
             o_smem.store(gl.reshape(o, [BM, 2, D // 2]))
             for r0 in gl.static_range(0, BM, RC):
                 ox = o_smem.slice(r0, RC).load(TLC)
-                _, a, _ = _halves(ox, D, RC)
-                cs, sn = _cossin(a, m0 + r0, N, NV, CS, SN, PW, PMAX, D, RC)
-                ey = _xf_vals(ox, cs, sn, m0 + r0, N, NV, MO + m_base, D, RC, True, False)
+                ey = _xf_own(ox, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D, RC, True)
                 _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, RC, TLC)
         else:
             tok = m0 + gl.arange(0, BM, layout=ROW_O)

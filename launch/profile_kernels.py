@@ -169,6 +169,19 @@ def flops(shape, B=None):
     return 4.0 * (B or B0) * h * N * N * d
 
 
+def start():
+    """Reset the CUDA peak-memory counter; returns what is allocated now (inputs, ...)."""
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    return torch.cuda.memory_allocated()
+
+
+def peak_above(base):
+    """Peak bytes allocated since `start()` above its `base`."""
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - base
+
+
 def bench(fn, q, k, v, cam, fl):
     from triton.testing import do_bench
     qg, kg, vg = (t.detach().clone().requires_grad_(True) for t in (q, k, v))
@@ -178,16 +191,6 @@ def bench(fn, q, k, v, cam, fl):
     def step():
         fn(qg, kg, vg, *cam).backward(do)
     both = do_bench(step, warmup=50, rep=400, grad_to_none=[qg, kg, vg], return_mode="median")
-    def start():
-        """Reset the peak counter; returns what is allocated now (inputs, do)."""
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        return torch.cuda.memory_allocated()
-
-    def peak_above(base):
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() - base
-
     with torch.no_grad():   # inference: no graph, nothing saved
         infer = do_bench(lambda: fn(q, k, v, *cam), warmup=50, rep=300, return_mode="median")
         base = start()
