@@ -16,6 +16,7 @@ fixture always SIGKILLs it. Tests are skipped when `weed` is not installed.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -84,6 +85,9 @@ def start_s3_server(timeout: float = 60.0) -> S3Server:
     ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
     cmd = [weed, f"-logdir={workdir}", "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
            "-master.telemetry=false", "-volume.max=50", "-master.volumeSizeLimitMB=256",
+           # The default (1% of the disk) refuses every write on a large, nearly full CI disk even
+           # with gigabytes free; the tests write a few MiB.
+           "-volume.minFreeSpace=64MiB",
            f"-filer.localSocket={workdir}/filer.sock"]
     cmd += [f"-{flag}={port}" for flag, port in ports.items()]
     log = open(Path(workdir) / "weed.log", "wb")
@@ -109,9 +113,12 @@ def start_s3_server(timeout: float = 60.0) -> S3Server:
         except Exception as e:  # not up yet
             last = e
         time.sleep(0.5)
-    tail = (Path(workdir) / "weed.log").read_bytes()[-3000:].decode(errors="replace")
+    log_text = (Path(workdir) / "weed.log").read_bytes().decode(errors="replace")
     server.stop()
-    raise RuntimeError(f"weed server did not become ready at {endpoint}: {last}\n{tail}")
+    low_disk = re.search(r"dir (\S+) disk free (\S+) < required (\S+)", log_text)
+    hint = (f"\nthe volume server refused to start: {low_disk.group(1)} has {low_disk.group(2)} free, "
+            f"below the required {low_disk.group(3)}" if low_disk else "")
+    raise RuntimeError(f"weed server did not become ready at {endpoint}: {last}{hint}\n{log_text[-3000:]}")
 
 
 @pytest.fixture(scope="session")
