@@ -30,17 +30,30 @@ Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims 64 and 128 (key til
 Gluon has no CPU interpreter: its tests are GPU tests (marker `gpu`) against the float64
 reference.
 
-H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/profile_kernels_fa4_ws_h100_2026-11-24.md,
-launch/results/bench_fwd_ws_h100_2026-11-24.json): d = 64: 286-292 TFLOP/s forward at 42 MiB
-peak (plain attention's: o + LSE), against the pre-pass forward's 382-390 at 123 MiB and the
-earlier no-scratch kernel's 235; forward+backward 348. d = 128: 244-256 at 83 MiB (pre-pass 344
-at 244). Its speed is set by the k / v transform in the producer: one consumer of 256 rows and
-two of 128 ran at the same 211 TFLOP/s until the producer's work was halved (each half of a row
-transformed once, not both ways: 279-288); prefetching the next tile's raw k, v into registers
-spilled and lost; moving the query / output transforms to the consumers (XFC, the last config
-field) gave the same speed with o' kept in fp32 (4.7e-3 against 4.9e-3 relative to the pre-pass
-forward), and is the d = 64 default (at d = 128 its fp32 o' buffer does not fit in shared
-memory).
+Launch configs (`WS_CONFIGS`, `set_ws_config`) choose where the query / output transforms run
+(XFC 0: producer; 1: each consumer its own rows, o' kept in fp32; 2: as 1, with the camera 4x4s
+of k and v moved to the consumers, once per key camera), PIPE (each consumer issues tile i's
+q k^T together with tile i-1's P v and runs tile i's softmax while the latter is on the tensor
+cores) and PF (the producer cp.async-copies the next tile's raw k, v into shared memory while it
+transforms the current one; each thread copies exactly what it later reads).
+
+H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/bench_fwd_ws_pipe_pf_h100_2026-11-24.json,
+launch/results/profile_kernels_ws_pipe_pf_h100_2026-11-24.md): d = 64: 295-297 TFLOP/s forward
+with PIPE (288-293 without), 351 forward+backward, at 42 MiB peak (plain attention's: o + LSE),
+against the pre-pass forward's 386 at 123 MiB. d = 128: 267 with PF (258 without) at 82 MiB,
+against 345 at 244 MiB; PIPE spills there (178). Measured and not taken:
+- XFC 2 (the producer only rotates RoPE halves: a third of its arithmetic) runs at 223-266: the
+  producer's arithmetic no longer sets the speed, and the per-camera query rewrite and
+  accumulator round trip through shared memory cost the consumers more than it saves;
+- PF at d = 64 changes nothing (296 against 295): the L2 latency of the producer's loads is
+  hidden already;
+- masking only a camera's last key tile (a branch in the softmax) made the consumers spill:
+  251;
+- earlier: one consumer of 256 rows ran at the speed of two of 128 (211) until the producer's
+  work was halved; prefetching raw k, v into registers spilled (277).
+What is left is the consumers' own loop (wgmma -> softmax -> wgmma per 64-key tile for 128 rows;
+about 1.75 us per tile, where tensor-core and exp2 throughput alone allow about 0.6): FA3-style
+ping-pong between the two consumers, and 128-key tiles, are the next steps.
 """
 from __future__ import annotations
 
@@ -54,6 +67,7 @@ try:   # Gluon: Triton >= 3.5
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (
         fence_async_shared, mbarrier, warpgroup_mma, warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.ampere import async_copy
 except ImportError:  # pragma: no cover - older Triton
     gluon = None
 
@@ -64,10 +78,36 @@ __all__ = ["forward_ws", "supported", "WS_CONFIGS"]
 
 if gluon is not None:
     @gluon.jit
-    def _mix_row(mp, x0, x1, x2, x3):
-        """sum_s M[r, s] x_s for the matrix row at mp (a scalar pointer, or one per row)."""
-        return (gl.load(mp) * x0 + gl.load(mp + 1) * x1 + gl.load(mp + 2) * x2
-                + gl.load(mp + 3) * x3)
+    def _mix_row(mp, st: gl.constexpr, x0, x1, x2, x3):
+        """sum_s M[mp + st * s] x_s: one output of a 4x4 (mp a scalar pointer, or one per row)."""
+        return (gl.load(mp) * x0 + gl.load(mp + st) * x1 + gl.load(mp + 2 * st) * x2
+                + gl.load(mp + 3 * st) * x3)
+
+    @gluon.jit
+    def _cam(xc, mp, D: gl.constexpr, BT: gl.constexpr, TRANS: gl.constexpr,
+             ROWS: gl.constexpr = False):
+        """Camera half xc (BT, D/2) fp32 in 4-chunks times M (out_i = sum_j M[i, j] x_j; M 4x4
+        row-major at mp, a scalar pointer, or with ROWS one per row (BT,)); TRANS: times M^T."""
+        xe, xo = gl.split(gl.reshape(xc, [BT, D // 8, 2, 2]))   # chunk element s = 2 i + j
+        x0, x2 = gl.split(xe)
+        x1, x3 = gl.split(xo)
+        if ROWS:
+            mp = gl.convert_layout(mp, gl.SliceLayout(1, x0.type.layout))[:, None]
+        RS: gl.constexpr = 1 if TRANS else 4   # step between the outputs' matrix rows
+        CS: gl.constexpr = 4 if TRANS else 1   # step between one output's coefficients
+        y0 = _mix_row(mp, CS, x0, x1, x2, x3)
+        y1 = _mix_row(mp + RS, CS, x0, x1, x2, x3)
+        y2 = _mix_row(mp + 2 * RS, CS, x0, x1, x2, x3)
+        y3 = _mix_row(mp + 3 * RS, CS, x0, x1, x2, x3)
+        return gl.reshape(gl.join(gl.join(y0, y2), gl.join(y1, y3)), [BT, D // 2])
+
+    @gluon.jit
+    def _mix_cam(x, mp, D: gl.constexpr, BT: gl.constexpr, TRANS: gl.constexpr):
+        """x (BT, 2, D/2) fp32 with its camera half times the one matrix at mp (`_cam`); the
+        RoPE half unchanged."""
+        xc, xr = gl.split(gl.permute(x, (0, 2, 1)))
+        yc = gl.convert_layout(_cam(xc, mp, D, BT, TRANS), xr.type.layout)
+        return gl.convert_layout(gl.permute(gl.join(yc, xr), (0, 2, 1)), x.type.layout)
 
     @gluon.jit
     def _rows(base, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
@@ -93,9 +133,32 @@ if gluon is not None:
         gl.store(ptrs, y.to(dst.dtype.element_ty), mask=ok)
 
     @gluon.jit
+    def _fetch(raw, st, K, V, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr,
+               TL: gl.constexpr):
+        """cp.async rows tok0 + [0, BT) of K and V (rows >= lim as 0) into raw[2 st], raw[2 st
+        + 1] ((BT, D) each), as one commit group. The copies are (BT, D) in the layout of
+        `_rows`' (BT, 2, D/2) reshaped: each thread copies the elements it reads in TL."""
+        LIN: gl.constexpr = gl.reshape(_rows(K, s_n, 0, 0, D, BT, TL)[0], [BT, D]).type.layout
+        tok = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LIN))
+        col = gl.arange(0, D, layout=gl.SliceLayout(0, LIN))[None, :]
+        row = tok.to(gl.int64)[:, None] * s_n + col
+        ok = (tok < lim)[:, None]
+        async_copy.async_copy_global_to_shared(raw.index(2 * st), K + row, mask=ok)
+        async_copy.async_copy_global_to_shared(raw.index(2 * st + 1), V + row, mask=ok)
+        async_copy.commit_group()
+
+    @gluon.jit
+    def _staged(tile, K, s_n, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
+        """The (BT, D) staging tile as (BT, 2, D/2) in layout TL, read by the threads that
+        copied each element (`_fetch`)."""
+        LIN: gl.constexpr = gl.reshape(_rows(K, s_n, 0, 0, D, BT, TL)[0], [BT, D]).type.layout
+        return gl.convert_layout(gl.reshape(tile.load(LIN), [BT, 2, D // 2]), TL)
+
+    @gluon.jit
     def _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr):
-        """cos, sin (BT, 2 (x, y), D/8) in the layout of the RoPE pairs of x (BT, 2, D/2) of tokens tok0 + [0, BT): angles of the
-        token's column (x) and row (y) within its view; 0 for rows >= lim."""
+        """cos, sin (BT, 2 (x, y), D/8) in the layout of the RoPE pairs of x (BT, 2, D/2) of
+        tokens tok0 + [0, BT): angles of the token's column (x) and row (y) within its view; 0
+        for rows >= lim."""
         Q8: gl.constexpr = D // 8
         _, like, _ = _halves(x, D, BT)
         AL: gl.constexpr = like.type.layout
@@ -116,28 +179,22 @@ if gluon is not None:
 
     @gluon.jit
     def _xf_vals(x, cs, sn, tok0, lim, NV, MAT, D: gl.constexpr, BT: gl.constexpr,
-                 INV: gl.constexpr, UNIFORM: gl.constexpr):
+                 INV: gl.constexpr, UNIFORM: gl.constexpr, CAM: gl.constexpr = True):
         """Transform of the raw tile x (BT, 2, D/2) of tokens tok0 + [0, BT) -> fp32, same shape:
-        the camera half in 4-chunks times M[camera of the row] (out_i = sum_j M[i, j] x_j, M 4x4
-        row-major at MAT + 16 * camera; UNIFORM: all rows of one camera, that of row 0), the
-        RoPE half rotated by cos / sin (from `_cossin`; INV: the inverse rotation).
+        the camera half in 4-chunks times M[camera of the row] (`_cam`, M at MAT + 16 * camera;
+        UNIFORM: all rows of one camera, that of row 0; not CAM: left as it is), the RoPE half
+        rotated by cos / sin (from `_cossin`; INV: the inverse rotation).
         x's layout gives each thread the same D/4 columns of both halves (whole 4-chunks, whole
         RoPE quarters [a | b]), so the reshapes and splits below stay inside a thread."""
         H2: gl.constexpr = D // 2
         xc, a, b = _halves(x, D, BT)
-        xe, xo = gl.split(gl.reshape(xc, [BT, D // 8, 2, 2]))   # chunk element s = 2 i + j
-        x0, x2 = gl.split(xe)
-        x1, x3 = gl.split(xo)
-        if UNIFORM:
-            mp = MAT + (tok0 // NV) * 16
+        if not CAM:
+            yc = xc
+        elif UNIFORM:
+            yc = _cam(xc, MAT + (tok0 // NV) * 16, D, BT, False)
         else:
-            rt = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, x0.type.layout))
-            mp = (MAT + gl.where(rt < lim, rt // NV, 0) * 16)[:, None]
-        y0 = _mix_row(mp, x0, x1, x2, x3)
-        y1 = _mix_row(mp + 4, x0, x1, x2, x3)
-        y2 = _mix_row(mp + 8, x0, x1, x2, x3)
-        y3 = _mix_row(mp + 12, x0, x1, x2, x3)
-        yc = gl.reshape(gl.join(gl.join(y0, y2), gl.join(y1, y3)), [BT, H2])
+            rt = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, xc.type.layout))
+            yc = _cam(xc, MAT + gl.where(rt < lim, rt // NV, 0) * 16, D, BT, False, True)
         if INV:
             ra2 = a * cs - b * sn
             rb2 = a * sn + b * cs
@@ -145,6 +202,7 @@ if gluon is not None:
             ra2 = a * cs + b * sn
             rb2 = b * cs - a * sn
         yr = gl.reshape(gl.permute(gl.join(ra2, rb2), (0, 1, 3, 2)), [BT, H2])
+        yc = gl.convert_layout(yc, yr.type.layout)
         return gl.convert_layout(gl.permute(gl.join(yc, yr), (0, 2, 1)), x.type.layout)
 
     @gluon.jit
@@ -163,18 +221,18 @@ if gluon is not None:
         return _xf_own(x, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D, BT, INV)
 
     @gluon.jit
-    def _producer(K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, ready, empty, q_ready,
-                  o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N, NV, PW, PMAX,
-                  m0, TPC, NVIEW,
+    def _producer(K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready, empty,
+                  q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N, NV, PW,
+                  PMAX, m0, TPC, NVIEW,
                   D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr,
-                  XFC: gl.constexpr):
+                  XFC: gl.constexpr, PF: gl.constexpr):
         """Producer partition (4 warps): k', v' tiles into the ring; unless XFC, also q' into
         q_smem first and the output transform of o' (read back from O) in place at the end."""
         # (rows, half, column in half): each thread the same D/4 columns of both halves
         TL: gl.constexpr = gl.BlockedLayout([1, 2, D // 4], [16, 1, 2], [4, 1, 1], [2, 1, 0])
         gl.static_assert(BN == 64)
-        if not XFC:
+        if XFC == 0:
             for r0 in gl.static_range(0, NCONS * BM, BE):
                 y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D,
                              BE, False, TL)
@@ -183,16 +241,32 @@ if gluon is not None:
             fence_async_shared()
             mbarrier.arrive(q_ready, count=1)
 
-        # key tiles (BN rows; tile i of camera i // TPC); k and v share the tile's cos / sin
+        # key tiles (BN rows; tile i of camera i // TPC); k and v share the tile's cos / sin.
+        # PF: the raw k, v of tile i + 1 are copied (cp.async) into staging while tile i is
+        # transformed; each thread copies exactly the elements it later reads, so waiting on
+        # its own copies is enough.
         n_tiles = NVIEW * TPC
+        if PF:
+            _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV, D, BN, TL)
         for i in range(n_tiles):
             cam = i // TPC
             tok0 = cam * NV + (i % TPC) * BN
-            kx = _load_rows(K + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
-            vx = _load_rows(V + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
+            if PF:
+                j = i + 1
+                cj = j // TPC
+                _fetch(raw, j % 2, K + k_row0, V + k_row0, s_kn, cj * NV + (j % TPC) * BN,
+                       gl.minimum(cj * NV + NV, N), D, BN, TL)   # past the last tile: none
+                async_copy.wait_group(1)
+                kx = _staged(raw.index(2 * (i % 2)), K, s_kn, D, BN, TL)
+                vx = _staged(raw.index(2 * (i % 2) + 1), K, s_kn, D, BN, TL)
+            else:
+                kx = _load_rows(K + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
+                vx = _load_rows(V + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
             cs, sn = _cossin(kx, tok0, cam * NV + NV, NV, CS, SN, PW, PMAX, D, BN)
-            kt = _xf_vals(kx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True)
-            vt = _xf_vals(vx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True)
+            kt = _xf_vals(kx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True,
+                          XFC != 2)
+            vt = _xf_vals(vx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True,
+                          XFC != 2)
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1, pred=i >= STAGES)
             k_ring.index(s).store(gl.reshape(kt, [BN, D]).to(k_ring.dtype))
@@ -202,7 +276,7 @@ if gluon is not None:
 
         # output transform: o = D o', o' read back from O; each thread loads and stores the
         # same elements (its transform reads only those), so the in-place update has no hazard
-        if not XFC:
+        if XFC == 0:
             mbarrier.wait(o_ready, 0)
             for r0 in gl.static_range(0, NCONS * BM, BE):
                 ey = _xf_rows(O + o_row0, s_on, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D,
@@ -210,22 +284,60 @@ if gluon is not None:
                 _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, BE, TL)
 
     @gluon.jit
-    def _consumer(Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
+    def _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX, m0, kcam,
+                D: gl.constexpr, BM: gl.constexpr, RC: gl.constexpr, XFC: gl.constexpr,
+                TLC: gl.constexpr):
+        """The consumer's query rows q' = D^T q into q_smem; XFC == 2: their camera half then
+        times P^-T of key camera kcam (q'.(P^-1 k) = (P^-T q').k: the key tiles keep raw k)."""
+        for r0 in gl.static_range(0, BM, RC):
+            y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D,
+                         RC, False, TLC)
+            if XFC == 2:
+                y = _mix_cam(y, MK + m_base + kcam * 16, D, RC, True)
+            q_smem.slice(r0, RC).store(gl.reshape(y, [RC, D]).to(q_smem.dtype))
+        fence_async_shared()
+
+    @gluon.jit
+    def _acc_mix(acc, o_smem, M1, M2, D: gl.constexpr, BM: gl.constexpr, RC: gl.constexpr,
+                 TLC: gl.constexpr):
+        """acc (BM, D) fp32 with its camera half times M2 M1 (4x4s at M1, M2), through o_smem."""
+        o_smem.store(gl.reshape(acc, [BM, 2, D // 2]))
+        for r0 in gl.static_range(0, BM, RC):
+            x = _mix_cam(o_smem.slice(r0, RC).load(TLC), M1, D, RC, False)
+            o_smem.slice(r0, RC).store(_mix_cam(x, M2, D, RC, False))
+        return o_smem.reshape([BM, D]).load(acc.type.layout)
+
+    @gluon.jit
+    def _softmax_tile(sc, m_i, l_i, nvalid, kcol, qk_scale):
+        """Online softmax of one score tile (keys kcol >= nvalid masked): p, the rescale alpha
+        of the running sums, the new row max and row sum (log2 domain)."""
+        sc = gl.where(kcol < nvalid, sc, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
+        p = gl.exp2(sc * qk_scale - m_new[:, None])
+        alpha = gl.exp2(m_i - m_new)
+        return p, alpha, m_new, l_i * alpha + gl.sum(p, 1)
+
+    @gluon.jit
+    def _consumer(Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
                   q_ready, o_ready, q_row0, o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW,
                   PMAX, m0, TPC, NVIEW, qk_scale,
                   D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
-                  STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr):
-        """Consumer partition (CW warps): the attention loop with wgmma on BM query rows. XFC:
-        it also transforms its own query rows first and its output rows last (in fp32, through
-        o_smem), in parallel with the other consumer, instead of leaving both to the producer."""
+                  STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr,
+                  PIPE: gl.constexpr):
+        """Consumer partition (CW warps): the attention loop with wgmma on BM query rows.
+        XFC >= 1: it also transforms its own query rows first and its output rows last (in fp32,
+        through o_smem), in parallel with the other consumer, instead of leaving both to the
+        producer. XFC == 2: the key tiles arrive with raw camera halves (the producer only
+        rotates their RoPE halves), and the camera 4x4s are applied once per key camera here:
+        on the query rows (`_q_tile`) for k, and on the accumulator for v (p v' = P^-1 (p v)
+        summed over the camera's keys: linear, commutes with the online-softmax rescale). The
+        accumulator's camera half is kept in the frame of the current key camera c: leaving
+        it, it is multiplied by P_(c+1) P_c^-1, and by P_c^-1 after the last."""
         TLC: gl.constexpr = gl.BlockedLayout([1, 2, D // 4], [16, 1, 2], [CW, 1, 1], [2, 1, 0])
         RC: gl.constexpr = 16 * CW
-        if XFC:
-            for r0 in gl.static_range(0, BM, RC):
-                y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D,
-                             RC, False, TLC)
-                q_smem.slice(r0, RC).store(gl.reshape(y, [RC, D]).to(q_smem.dtype))
-            fence_async_shared()
+        if XFC == 1:
+            _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX, m0, 0, D,
+                    BM, RC, XFC, TLC)
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CW, 1],
                                                       instr_shape=[16, BN, 16])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CW, 1],
@@ -238,35 +350,80 @@ if gluon is not None:
         acc = gl.zeros([BM, DP], gl.float32, layout=O_L)
         s_zero = gl.zeros([BM, BN], gl.float32, layout=S_L)
         kcol = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))[None, :]
-        if not XFC:
+        if XFC == 0:
             mbarrier.wait(q_ready, 0)
         n_tiles = NVIEW * TPC
-        for i in range(n_tiles):
-            s = i % STAGES
-            nvalid = NV - (i % TPC) * BN
-            mbarrier.wait(ready.index(s), (i // STAGES) & 1)
-            k_s = k_ring.index(s)
-            sc = warpgroup_mma(q_smem, k_s.permute((1, 0)), s_zero, use_acc=False, is_async=True)
+        dt: gl.constexpr = k_ring.dtype
+        if XFC == 2:
+            _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX, m0, 0, D,
+                    BM, RC, XFC, TLC)
+        if PIPE:
+            # tile 0's scores, then per tile i: S_i = q k_i^T and O += P_(i-1) v_(i-1) issued
+            # together; the softmax of S_i runs while the second is on the tensor cores
+            mbarrier.wait(ready.index(0), 0)
+            sc = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False,
+                               is_async=True)
             sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-            sc = gl.where(kcol < nvalid, sc, float("-inf"))
-            m_new = gl.maximum(m_i, gl.max(sc, 1) * qk_scale)
-            p = gl.exp2(sc * qk_scale - m_new[:, None])
-            alpha = gl.exp2(m_i - m_new)
-            l_i = l_i * alpha + gl.sum(p, 1)
-            acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
-            p16 = gl.convert_layout(p.to(k_ring.dtype), P_L)
-            v_s = v_ring.index(s)
-            acc = warpgroup_mma(p16, v_s, acc, is_async=True)
+            p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV, kcol, qk_scale)
+            p16 = gl.convert_layout(p.to(dt), P_L)
+            for i in range(1, n_tiles):
+                s = i % STAGES
+                sp = (i - 1) % STAGES
+                cam = i // TPC
+                t = i % TPC
+                if XFC == 2:
+                    if t == 0:   # first tile of a key camera: its P^-T on the query rows
+                        _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX,
+                                m0, cam, D, BM, RC, XFC, TLC)
+                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+                sc = warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+                acc = warpgroup_mma(p16, v_ring.index(sp), acc, is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))
+                p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV - t * BN, kcol, qk_scale)
+                acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
+                mbarrier.arrive(empty.index(sp), count=1)
+                if XFC == 2:
+                    if t == 0:   # the accumulator into key camera cam's frame
+                        acc = _acc_mix(acc, o_smem, MK + m_base + (cam - 1) * 16,
+                                       MO + m_base + cam * 16, D, BM, RC, TLC)
+                acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+                p16 = gl.convert_layout(p.to(dt), P_L)
+            sl = (n_tiles - 1) % STAGES
+            acc = warpgroup_mma(p16, v_ring.index(sl), acc, is_async=True)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
-            mbarrier.arrive(empty.index(s), count=1)
-            m_i = m_new
+            mbarrier.arrive(empty.index(sl), count=1)
+        else:
+            for i in range(n_tiles):
+                s = i % STAGES
+                cam = i // TPC
+                t = i % TPC
+                if XFC == 2:
+                    if t == 0:
+                        if cam > 0:
+                            _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW,
+                                    PMAX, m0, cam, D, BM, RC, XFC, TLC)
+                            acc = _acc_mix(acc, o_smem, MK + m_base + (cam - 1) * 16,
+                                           MO + m_base + cam * 16, D, BM, RC, TLC)
+                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+                sc = warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False,
+                                   is_async=True)
+                sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
+                p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV - t * BN, kcol, qk_scale)
+                acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
+                p16 = gl.convert_layout(p.to(dt), P_L)
+                acc = warpgroup_mma(p16, v_ring.index(s), acc, is_async=True)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
+                mbarrier.arrive(empty.index(s), count=1)
         tok_s = m0 + gl.arange(0, BM, layout=ROW_S)
         gl.store(LSE + lse_row0 + tok_s, m_i + gl.log2(l_i), mask=tok_s < N)
         o = acc * gl.convert_layout(1.0 / l_i, ROW_O)[:, None]
-        if XFC:
+        if XFC >= 1:
             o_smem.store(gl.reshape(o, [BM, 2, D // 2]))
             for r0 in gl.static_range(0, BM, RC):
                 ox = o_smem.slice(r0, RC).load(TLC)
+                if XFC == 2:
+                    ox = _mix_cam(ox, MK + m_base + (NVIEW - 1) * 16, D, RC, False)
                 ey = _xf_own(ox, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D, RC, True)
                 _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, RC, TLC)
         else:
@@ -283,6 +440,7 @@ if gluon is not None:
                       D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                       BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr,
                       CREGS: gl.constexpr, PREGS: gl.constexpr, XFC: gl.constexpr,
+                      PIPE: gl.constexpr, PF: gl.constexpr,
                       num_warps: gl.constexpr):
         """One program: NCONS * BM query rows of one (batch, head). NCONS = 2: two consumer
         partitions of BM rows each (independent warpgroups, so one's softmax overlaps the
@@ -298,8 +456,10 @@ if gluon is not None:
         v_ring = gl.allocate_shared_memory(dt, [STAGES, BN, DP], kv_sl)
         q_smem = gl.allocate_shared_memory(dt, [NCONS, BM, DP], q_sl)
         o_smem = gl.allocate_shared_memory(
-            gl.float32, [NCONS if XFC else 1, BM if XFC else 1, 2, DP // 2],
+            gl.float32, [NCONS if XFC >= 1 else 1, BM if XFC >= 1 else 1, 2, DP // 2],
             gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
+        raw = gl.allocate_shared_memory(dt, [4 if PF else 1, BN if PF else 1, DP],
+                                        gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -314,38 +474,48 @@ if gluon is not None:
         o_row0 = b.to(gl.int64) * s_ob + h.to(gl.int64) * s_oh
         lse_row0 = bh.to(gl.int64) * N
         m_base = b * NVIEW * 16
+        # (Gluon: a partition's arguments are spelled out per call; a tuple would turn the
+        # constexprs into tensors)
         if NCONS == 1:
             gl.warp_specialize([
-                (_consumer, (Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
+                (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
                              o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
                              s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC)),
-                (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, ready, empty,
-                             q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N,
-                             NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES, NCONS,
-                             XFC))], [4], [PREGS])
+                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE)),
+                (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready,
+                             empty, q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on,
+                             m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
+                             NCONS, XFC, PF))], [4], [PREGS])
         else:
             gl.warp_specialize([
-                (_consumer, (Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
+                (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
                              o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
                              s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC)),
-                (_consumer, (Q, O, LSE, MQ, MO, CS, SN, k_ring, v_ring, q_smem.index(1),
-                             o_smem.index(NCONS - 1), ready, empty, q_ready, o_ready, q_row0, o_row0,
-                             s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0 + BM, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC)),
-                (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, ready, empty,
-                             q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N,
-                             NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES, NCONS,
-                             XFC))], [num_warps, 4], [CREGS, PREGS])
+                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE)),
+                (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(1),
+                             o_smem.index(NCONS - 1), ready, empty, q_ready, o_ready, q_row0,
+                             o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0 + BM, TPC,
+                             NVIEW, qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE)),
+                (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready,
+                             empty, q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on,
+                             m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
+                             NCONS, XFC, PF))], [num_warps, 4], [CREGS, PREGS])
 
 
 # (BM rows per consumer, BN, warps per consumer, stages, consumers, consumer registers, producer
-# registers, XFC: consumers transform their own query and output rows) to time on the H100.
-WS_CONFIGS = [(128, 64, 4, 2, 2, 192, 120, 0), (128, 64, 4, 2, 2, 192, 120, 1),
-              (128, 64, 4, 3, 2, 184, 128, 1), (128, 64, 4, 2, 2, 200, 112, 1),
-              (256, 64, 8, 2, 1, 0, 96, 1)]
-_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 192, 120, 1), 128: (128, 64, 4, 2, 2, 192, 120, 0)}
+# registers, XFC, PIPE, PF) to time on the H100. XFC 0: the producer transforms the query and
+# output rows too; 1: each consumer transforms its own; 2: as 1, and the camera 4x4s of k and v
+# are applied by the consumers once per key camera (the producer only rotates RoPE halves).
+# PIPE: each consumer overlaps a tile's softmax with the previous tile's P v on the tensor cores.
+# PF: the producer copies the next tile's raw k, v into shared memory (cp.async) while it
+# transforms the current one.
+WS_CONFIGS = [(128, 64, 4, 2, 2, 192, 120, 1, 1, 0), (128, 64, 4, 2, 2, 192, 120, 1, 0, 1),
+              (128, 64, 4, 2, 2, 192, 120, 1, 1, 1), (128, 64, 4, 3, 2, 192, 120, 1, 1, 1),
+              (128, 64, 4, 2, 2, 200, 112, 1, 1, 1), (128, 64, 4, 2, 2, 192, 120, 2, 1, 1),
+              (128, 64, 4, 2, 2, 216, 80, 2, 1, 1), (128, 64, 4, 2, 2, 192, 120, 0, 0, 0),
+              (128, 64, 4, 2, 2, 192, 120, 0, 0, 1), (128, 64, 4, 2, 2, 192, 120, 0, 1, 1)]
+_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 192, 120, 1, 1, 1),
+               128: (128, 64, 4, 2, 2, 192, 120, 0, 0, 1)}
 _ws_override: dict = {}
 
 
@@ -374,12 +544,13 @@ def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, T
         k, v = k.contiguous(), v.contiguous()
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    bm, bn, cw, stages, ncons, cregs, pregs, xfc = _ws_override.get(d, _WS_DEFAULT[d])
+    bm, bn, cw, stages, ncons, cregs, pregs, xfc, pipe, pf = _ws_override.get(d, _WS_DEFAULT[d])
     tpc = -(-g.per_view // bn)
     _prope_fwd_ws[(-(-N // (ncons * bm)), B * H)](
         q, k, v, o, lse, g.mats[QT], g.mats[KV], g.mats[OUT], g.ct, g.st,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax, tpc,
         LOG2E / math.sqrt(d), D=d, DP=d, BM=bm, BN=bn, BE=64, STAGES=stages,
-        NCONS=ncons, CREGS=cregs, PREGS=pregs, XFC=bool(xfc), num_warps=cw)
+        NCONS=ncons, CREGS=cregs, PREGS=pregs, XFC=int(xfc), PIPE=bool(pipe), PF=bool(pf),
+        num_warps=cw)
     return o, lse

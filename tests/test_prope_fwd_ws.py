@@ -50,6 +50,27 @@ def test_gpu_ws_error_at_most_twice_reference(dtype, d, V, patches):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("cfg", prope_fwd_ws.WS_CONFIGS, ids=str)
+@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (8, (18, 18))])
+def test_gpu_ws_every_config_at_d64(cfg, V, patches):
+    """Each launch config (the three transform placements XFC 0 / 1 / 2 included) within 2x the
+    reference's error, with the pre-pass forward's LSE."""
+    _needs_hopper()
+    ins, cams, want = gpu_forward_case(torch.bfloat16, 64, V, patches)
+    g = prope_triton._geometry(*cams, 64, "cuda")
+    prope_fwd_ws.set_ws_config(64, cfg)
+    try:
+        with torch.no_grad():
+            got, lse = prope_fwd_ws.forward_ws(*ins, g)
+            base = prope_attention_ref(*ins, *cams)
+            _, lse_pre = prope_triton._forward(*ins, g)
+    finally:
+        prope_fwd_ws.set_ws_config(64, None)
+    assert_within_twice(("o",), [got], [base], [want])
+    torch.testing.assert_close(lse, lse_pre, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
 def test_gpu_ws_forward_trains_through_the_fused_backward():
     """set_forward(train="ws"): the LSE it saves drives the backward to the pre-pass's grads."""
     _needs_hopper()
