@@ -133,12 +133,11 @@ if gluon is not None:
         gl.store(ptrs, y.to(dst.dtype.element_ty), mask=ok)
 
     @gluon.jit
-    def _fetch(raw, st, K, V, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr,
-               TL: gl.constexpr):
+    def _fetch(raw, st, K, V, s_n, tok0, lim, BT: gl.constexpr, D: gl.constexpr,
+               LIN: gl.constexpr):
         """cp.async rows tok0 + [0, BT) of K and V (rows >= lim as 0) into raw[2 st], raw[2 st
-        + 1] ((BT, D) each), as one commit group. The copies are (BT, D) in the layout of
-        `_rows`' (BT, 2, D/2) reshaped: each thread copies the elements it reads in TL."""
-        LIN: gl.constexpr = gl.reshape(_rows(K, s_n, 0, 0, D, BT, TL)[0], [BT, D]).type.layout
+        + 1] ((BT, D) each), as one commit group, in layout LIN: the producer's TL with its
+        (BT, 2, D/2) reshaped to (BT, D), so each thread copies the elements it later reads."""
         tok = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, LIN))
         col = gl.arange(0, D, layout=gl.SliceLayout(0, LIN))[None, :]
         row = tok.to(gl.int64)[:, None] * s_n + col
@@ -146,13 +145,6 @@ if gluon is not None:
         async_copy.async_copy_global_to_shared(raw.index(2 * st), K + row, mask=ok)
         async_copy.async_copy_global_to_shared(raw.index(2 * st + 1), V + row, mask=ok)
         async_copy.commit_group()
-
-    @gluon.jit
-    def _staged(tile, K, s_n, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
-        """The (BT, D) staging tile as (BT, 2, D/2) in layout TL, read by the threads that
-        copied each element (`_fetch`)."""
-        LIN: gl.constexpr = gl.reshape(_rows(K, s_n, 0, 0, D, BT, TL)[0], [BT, D]).type.layout
-        return gl.convert_layout(gl.reshape(tile.load(LIN), [BT, 2, D // 2]), TL)
 
     @gluon.jit
     def _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr):
@@ -246,27 +238,29 @@ if gluon is not None:
         # transformed; each thread copies exactly the elements it later reads, so waiting on
         # its own copies is enough.
         n_tiles = NVIEW * TPC
+        LIN: gl.constexpr = gl.reshape(_rows(K, s_kn, 0, 0, D, BN, TL)[0], [BN, D]).type.layout
         if PF:
-            _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV, D, BN, TL)
+            _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV, BN, D, LIN)
         for i in range(n_tiles):
             cam = i // TPC
             tok0 = cam * NV + (i % TPC) * BN
+            lim = cam * NV + NV   # the camera's last token + 1
             if PF:
                 j = i + 1
                 cj = j // TPC
                 _fetch(raw, j % 2, K + k_row0, V + k_row0, s_kn, cj * NV + (j % TPC) * BN,
-                       gl.minimum(cj * NV + NV, N), D, BN, TL)   # past the last tile: none
+                       gl.minimum(cj * NV + NV, N), BN, D, LIN)   # past the last tile: none
                 async_copy.wait_group(1)
-                kx = _staged(raw.index(2 * (i % 2)), K, s_kn, D, BN, TL)
-                vx = _staged(raw.index(2 * (i % 2) + 1), K, s_kn, D, BN, TL)
+                kx = gl.convert_layout(gl.reshape(raw.index(2 * (i % 2)).load(LIN),
+                                                  [BN, 2, D // 2]), TL)
+                vx = gl.convert_layout(gl.reshape(raw.index(2 * (i % 2) + 1).load(LIN),
+                                                  [BN, 2, D // 2]), TL)
             else:
-                kx = _load_rows(K + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
-                vx = _load_rows(V + k_row0, s_kn, tok0, cam * NV + NV, D, BN, TL)
-            cs, sn = _cossin(kx, tok0, cam * NV + NV, NV, CS, SN, PW, PMAX, D, BN)
-            kt = _xf_vals(kx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True,
-                          XFC != 2)
-            vt = _xf_vals(vx, cs, sn, tok0, cam * NV + NV, NV, MK + m_base, D, BN, False, True,
-                          XFC != 2)
+                kx = _load_rows(K + k_row0, s_kn, tok0, lim, D, BN, TL)
+                vx = _load_rows(V + k_row0, s_kn, tok0, lim, D, BN, TL)
+            cs, sn = _cossin(kx, tok0, lim, NV, CS, SN, PW, PMAX, D, BN)
+            kt = _xf_vals(kx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, True, XFC != 2)
+            vt = _xf_vals(vx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, True, XFC != 2)
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1, pred=i >= STAGES)
             k_ring.index(s).store(gl.reshape(kt, [BN, D]).to(k_ring.dtype))
@@ -335,7 +329,7 @@ if gluon is not None:
         it, it is multiplied by P_(c+1) P_c^-1, and by P_c^-1 after the last."""
         TLC: gl.constexpr = gl.BlockedLayout([1, 2, D // 4], [16, 1, 2], [CW, 1, 1], [2, 1, 0])
         RC: gl.constexpr = 16 * CW
-        if XFC == 1:
+        if XFC >= 1:   # (XFC 2: for key camera 0; later cameras rewrite it in the loop)
             _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX, m0, 0, D,
                     BM, RC, XFC, TLC)
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CW, 1],
@@ -354,9 +348,6 @@ if gluon is not None:
             mbarrier.wait(q_ready, 0)
         n_tiles = NVIEW * TPC
         dt: gl.constexpr = k_ring.dtype
-        if XFC == 2:
-            _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX, m0, 0, D,
-                    BM, RC, XFC, TLC)
         if PIPE:
             # tile 0's scores, then per tile i: S_i = q k_i^T and O += P_(i-1) v_(i-1) issued
             # together; the softmax of S_i runs while the second is on the tensor cores
