@@ -302,6 +302,23 @@ if gluon is not None:
         return o_smem.reshape([BM, D]).load(acc.type.layout)
 
     @gluon.jit
+    def _my_turn(turn, g, WG: gl.constexpr, PING: gl.constexpr):
+        """PING: wait until the other consumer has issued its tensor-core work of step g (of
+        g - 1 for consumer 0), so the two issue in turns and one's softmax runs under the
+        other's wgmma. Neither can get two turns ahead, so phase parities are unambiguous."""
+        if PING:
+            if WG == 0:
+                mbarrier.wait(turn.index(0), (g - 1) & 1, pred=g >= 1)
+            else:
+                mbarrier.wait(turn.index(1), g & 1)
+
+    @gluon.jit
+    def _pass_turn(turn, WG: gl.constexpr, PING: gl.constexpr):
+        """PING: this consumer has issued its wgmma of the step; the other may issue its own."""
+        if PING:
+            mbarrier.arrive(turn.index(1 - WG), count=1)
+
+    @gluon.jit
     def _softmax_tile(sc, m_i, l_i, nvalid, kcol, qk_scale):
         """Online softmax of one score tile (keys kcol >= nvalid masked): p, the rescale alpha
         of the running sums, the new row max and row sum (log2 domain)."""
@@ -317,7 +334,7 @@ if gluon is not None:
                   PMAX, m0, TPC, NVIEW, qk_scale,
                   D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr,
-                  PIPE: gl.constexpr):
+                  PIPE: gl.constexpr, turn, WG: gl.constexpr, PING: gl.constexpr):
         """Consumer partition (CW warps): the attention loop with wgmma on BM query rows.
         XFC >= 1: it also transforms its own query rows first and its output rows last (in fp32,
         through o_smem), in parallel with the other consumer, instead of leaving both to the
@@ -352,8 +369,10 @@ if gluon is not None:
             # tile 0's scores, then per tile i: S_i = q k_i^T and O += P_(i-1) v_(i-1) issued
             # together; the softmax of S_i runs while the second is on the tensor cores
             mbarrier.wait(ready.index(0), 0)
+            _my_turn(turn, 0, WG, PING)
             sc = warpgroup_mma(q_smem, k_ring.index(0).permute((1, 0)), s_zero, use_acc=False,
                                is_async=True)
+            _pass_turn(turn, WG, PING)
             sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
             p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV, kcol, qk_scale)
             p16 = gl.convert_layout(p.to(dt), P_L)
@@ -367,9 +386,11 @@ if gluon is not None:
                         _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX,
                                 m0, cam, D, BM, RC, XFC, TLC)
                 mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+                _my_turn(turn, i, WG, PING)
                 sc = warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False,
                                    is_async=True)
                 acc = warpgroup_mma(p16, v_ring.index(sp), acc, is_async=True)
+                _pass_turn(turn, WG, PING)
                 sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))
                 p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV - t * BN, kcol, qk_scale)
                 acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
@@ -381,7 +402,9 @@ if gluon is not None:
                 acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
                 p16 = gl.convert_layout(p.to(dt), P_L)
             sl = (n_tiles - 1) % STAGES
+            _my_turn(turn, n_tiles, WG, PING)
             acc = warpgroup_mma(p16, v_ring.index(sl), acc, is_async=True)
+            _pass_turn(turn, WG, PING)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(acc, ))
             mbarrier.arrive(empty.index(sl), count=1)
         else:
@@ -431,7 +454,7 @@ if gluon is not None:
                       D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                       BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr,
                       CREGS: gl.constexpr, PREGS: gl.constexpr, XFC: gl.constexpr,
-                      PIPE: gl.constexpr, PF: gl.constexpr,
+                      PIPE: gl.constexpr, PF: gl.constexpr, PING: gl.constexpr,
                       num_warps: gl.constexpr):
         """One program: NCONS * BM query rows of one (batch, head). NCONS = 2: two consumer
         partitions of BM rows each (independent warpgroups, so one's softmax overlaps the
@@ -454,11 +477,14 @@ if gluon is not None:
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         q_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         o_ready = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=NCONS)
         mbarrier.init(q_ready, count=1)
+        mbarrier.init(turn.index(0), count=1)
+        mbarrier.init(turn.index(1), count=1)
         mbarrier.init(o_ready, count=NCONS)
         k_row0 = b.to(gl.int64) * s_kb + h.to(gl.int64) * s_kh
         q_row0 = b.to(gl.int64) * s_qb + h.to(gl.int64) * s_qh
@@ -472,7 +498,8 @@ if gluon is not None:
                 (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
                              o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
                              s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE)),
+                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 0,
+                             False)),
                 (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready,
                              empty, q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on,
                              m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
@@ -482,11 +509,12 @@ if gluon is not None:
                 (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
                              o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
                              s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE)),
+                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 0, PING)),
                 (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(1),
                              o_smem.index(NCONS - 1), ready, empty, q_ready, o_ready, q_row0,
                              o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0 + BM, TPC,
-                             NVIEW, qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE)),
+                             NVIEW, qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 1,
+                             PING)),
                 (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready,
                              empty, q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on,
                              m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
@@ -494,19 +522,20 @@ if gluon is not None:
 
 
 # (BM rows per consumer, BN, warps per consumer, stages, consumers, consumer registers, producer
-# registers, XFC, PIPE, PF) to time on the H100. XFC 0: the producer transforms the query and
+# registers, XFC, PIPE, PF, PING) to time on the H100. XFC 0: the producer transforms the query and
 # output rows too; 1: each consumer transforms its own; 2: as 1, and the camera 4x4s of k and v
 # are applied by the consumers once per key camera (the producer only rotates RoPE halves).
 # PIPE: each consumer overlaps a tile's softmax with the previous tile's P v on the tensor cores.
 # PF: the producer copies the next tile's raw k, v into shared memory (cp.async) while it
-# transforms the current one.
-WS_CONFIGS = [(128, 64, 4, 2, 2, 192, 120, 1, 1, 0), (128, 64, 4, 2, 2, 192, 120, 1, 0, 1),
-              (128, 64, 4, 2, 2, 192, 120, 1, 1, 1), (128, 64, 4, 3, 2, 192, 120, 1, 1, 1),
-              (128, 64, 4, 2, 2, 200, 112, 1, 1, 1), (128, 64, 4, 2, 2, 192, 120, 2, 1, 1),
-              (128, 64, 4, 2, 2, 216, 80, 2, 1, 1), (128, 64, 4, 2, 2, 192, 120, 0, 0, 0),
-              (128, 64, 4, 2, 2, 192, 120, 0, 0, 1), (128, 64, 4, 2, 2, 192, 120, 0, 1, 1)]
-_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 192, 120, 1, 1, 1),
-               128: (128, 64, 4, 2, 2, 192, 120, 0, 0, 1)}
+# transforms the current one. PING (with PIPE and two consumers): the consumers issue their
+# wgmma in turns (FA3's ping-pong), so one's softmax runs under the other's tensor-core work.
+WS_CONFIGS = [(128, 64, 4, 2, 2, 192, 120, 1, 1, 1, 0),
+              (128, 64, 4, 2, 2, 192, 120, 1, 1, 1, 1),
+              (128, 64, 4, 2, 2, 192, 120, 0, 1, 1, 0), (128, 64, 4, 2, 2, 192, 120, 0, 1, 1, 1),
+              (128, 64, 4, 3, 2, 192, 120, 1, 1, 1, 1), (128, 64, 4, 2, 2, 192, 120, 1, 1, 0, 1),
+              (128, 64, 4, 2, 2, 192, 120, 0, 0, 1, 0), (128, 64, 4, 2, 2, 192, 120, 0, 0, 0, 0)]
+_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 192, 120, 1, 1, 1, 0),
+               128: (128, 64, 4, 2, 2, 192, 120, 0, 0, 1, 0)}
 _ws_override: dict = {}
 
 
@@ -535,7 +564,7 @@ def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, T
         k, v = k.contiguous(), v.contiguous()
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    bm, bn, cw, stages, ncons, cregs, pregs, xfc, pipe, pf = _ws_override.get(d, _WS_DEFAULT[d])
+    bm, bn, cw, stages, ncons, cregs, pregs, xfc, pipe, pf, ping = _ws_override.get(d, _WS_DEFAULT[d])
     tpc = -(-g.per_view // bn)
     _prope_fwd_ws[(-(-N // (ncons * bm)), B * H)](
         q, k, v, o, lse, g.mats[QT], g.mats[KV], g.mats[OUT], g.ct, g.st,
@@ -543,5 +572,6 @@ def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, T
         o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax, tpc,
         LOG2E / math.sqrt(d), D=d, DP=d, BM=bm, BN=bn, BE=64, STAGES=stages,
         NCONS=ncons, CREGS=cregs, PREGS=pregs, XFC=int(xfc), PIPE=bool(pipe), PF=bool(pf),
+        PING=bool(ping and pipe and ncons == 2),
         num_warps=cw)
     return o, lse
