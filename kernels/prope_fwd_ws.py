@@ -564,7 +564,8 @@ def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, T
         k, v = k.contiguous(), v.contiguous()
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
-    bm, bn, cw, stages, ncons, cregs, pregs, xfc, pipe, pf, ping = _ws_override.get(d, _WS_DEFAULT[d])
+    cfg = _ws_override.get(d, _WS_DEFAULT[d])
+    bm, bn, cw, stages, ncons, cregs, pregs, xfc, pipe, pf, ping = cfg
     tpc = -(-g.per_view // bn)
     _prope_fwd_ws[(-(-N // (ncons * bm)), B * H)](
         q, k, v, o, lse, g.mats[QT], g.mats[KV], g.mats[OUT], g.ct, g.st,
