@@ -15,45 +15,54 @@ k' = D^-1 k, v' = D^-1 v, o = D o' as it is stored), but k' and v' never reach g
 So the transform work of a tile overlaps the tensor-core work of the previous ones, and peak
 memory is plain attention's (o and the LSE).
 
-Key tiles start at each camera's first token (so one 4x4 per tile; a masked tail tile per camera
-when BN does not divide the tokens per view). The producer's in-place output transform has each
-thread load and store the same elements (its transform reads only those): no cross-thread
-hazards.
+Key tiles are rows i BN + [0, BN) of the whole sequence (XFC < 2), so a tile may span two
+cameras: each of its rows is transformed with its own camera's 4x4 (a thread owns one row, so it
+loads 16 coefficients either way), and only the sequence's last tile can be partial. (Tiles that
+started at each camera's first token computed a masked tail tile per camera: 21 tiles of 64 for
+1296 tokens, 3.7% of the work.) XFC 2 keeps camera-aligned tiles: its consumers apply one
+camera's 4x4s per block. The producer's in-place output transform has each thread load and store
+the same elements (its transform reads only those): no cross-thread hazards.
 
 Launch: two consumer partitions of BM = 128 query rows each (4 warps; independent warpgroups,
 so one's softmax overlaps the other's wgmma) share one producer (4 warps) and the stages; each
 thread of the producer owns the same D/4 columns of both halves of a row (whole 4-chunks, whole
-RoPE quarters), so its transform stays in registers with no shuffles.
+RoPE quarters), so its transform stays in registers with no shuffles. A consumer whose rows all
+lie past N (the second half of a last query block: N = 10368 is 40.5 blocks of 256) only hands
+the stages back, leaving the tensor cores to the other.
 
 Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims 64 and 128 (key tiles of 64);
 `supported` says when; `prope_triton` runs the pre-pass forward elsewhere (d = 48 included).
 Gluon has no CPU interpreter: its tests are GPU tests (marker `gpu`) against the float64
 reference.
 
-Launch configs (`WS_CONFIGS`, `set_ws_config`) choose where the query / output transforms run
-(XFC 0: producer; 1: each consumer its own rows, o' kept in fp32; 2: as 1, with the camera 4x4s
-of k and v moved to the consumers, once per key camera), PIPE (each consumer issues tile i's
-q k^T together with tile i-1's P v and runs tile i's softmax while the latter is on the tensor
-cores) and PF (the producer cp.async-copies the next tile's raw k, v into shared memory while it
-transforms the current one; each thread copies exactly what it later reads).
+Launch configs (`WS_CONFIGS`, `set_ws_config`) choose the register split (setmaxnreg) between
+consumers and producer, where the query / output transforms run (XFC 0: producer; 1: each
+consumer its own rows, o' kept in fp32; 2: as 1, with the camera 4x4s of k and v moved to the
+consumers, once per key camera), PIPE (each consumer issues tile i's q k^T together with tile
+i-1's P v and runs tile i's softmax while the latter is on the tensor cores), PF (the producer
+cp.async-copies the next tile's raw k, v into shared memory while it transforms the current one;
+each thread copies exactly what it later reads) and PING (FA3's ping-pong: the two consumers
+issue their wgmma in turns, through two mbarriers, so one's softmax runs under the other's
+tensor-core work).
 
-H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/bench_fwd_ws_pipe_pf_h100_2026-11-24.json,
-launch/results/profile_kernels_ws_pipe_pf_h100_2026-11-24.md): d = 64: 295-297 TFLOP/s forward
-with PIPE (288-293 without), 351 forward+backward, at 42 MiB peak (plain attention's: o + LSE),
-against the pre-pass forward's 386 at 123 MiB. d = 128: 267 with PF (258 without) at 82 MiB,
-against 345 at 244 MiB; PIPE spills there (178). Measured and not taken:
+H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/bench_fwd_ws_span_h100_2026-11-24.json,
+launch/results/profile_kernels_ws_span_h100_2026-11-24.md): d = 64: 318-320 TFLOP/s forward
+(default config: XFC 1, PIPE, PF, PING, 208 / 96 registers) at 42 MiB peak (plain attention's:
+o + LSE), against the pre-pass forward's 385 at 123 MiB. Measured in one process against the
+camera-aligned tiles without the idle-consumer exit (same configs, two passes each): 292-298
+there, 302-322 here; with XFC 1, PING adds 2-10% at 200-208 consumer registers (XFC 0: none). d =
+128: 274-276 (XFC 0, PF, 200 / 112) at 82 MiB, against 348 at 244 MiB; PIPE spills there (178).
+Measured and not taken:
 - XFC 2 (the producer only rotates RoPE halves: a third of its arithmetic) runs at 223-266: the
   producer's arithmetic no longer sets the speed, and the per-camera query rewrite and
   accumulator round trip through shared memory cost the consumers more than it saves;
-- PF at d = 64 changes nothing (296 against 295): the L2 latency of the producer's loads is
-  hidden already;
 - masking only a camera's last key tile (a branch in the softmax) made the consumers spill:
-  251;
+  251 (spanning tiles removed those tail tiles instead);
 - earlier: one consumer of 256 rows ran at the speed of two of 128 (211) until the producer's
   work was halved; prefetching raw k, v into registers spilled (277).
-What is left is the consumers' own loop (wgmma -> softmax -> wgmma per 64-key tile for 128 rows;
-about 1.75 us per tile, where tensor-core and exp2 throughput alone allow about 0.6): FA3-style
-ping-pong between the two consumers, and 128-key tiles, are the next steps.
+What is left is the consumers' own loop (wgmma -> softmax -> wgmma per 64-key tile for 128 rows,
+where tensor-core and exp2 throughput alone allow about twice the speed); 128-key tiles are
+limited by registers.
 """
 from __future__ import annotations
 
@@ -233,23 +242,36 @@ if gluon is not None:
             fence_async_shared()
             mbarrier.arrive(q_ready, count=1)
 
-        # key tiles (BN rows; tile i of camera i // TPC); k and v share the tile's cos / sin.
-        # PF: the raw k, v of tile i + 1 are copied (cp.async) into staging while tile i is
-        # transformed; each thread copies exactly the elements it later reads, so waiting on
-        # its own copies is enough.
-        n_tiles = NVIEW * TPC
+        # key tiles (BN rows): XFC < 2, tile i is rows i BN + [0, BN) of the whole sequence (a
+        # tile may span two cameras: each row gets its own camera's 4x4), so only the last tile
+        # of the sequence can be partial; XFC 2, tile i is of camera i // TPC (the consumers
+        # apply the camera part per key camera), TPC tiles per camera. k and v share the tile's
+        # cos / sin. PF: the raw k, v of tile i + 1 are copied (cp.async) into staging while
+        # tile i is transformed; each thread copies exactly the elements it later reads, so
+        # waiting on its own copies is enough.
+        n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
         LIN: gl.constexpr = gl.reshape(_rows(K, s_kn, 0, 0, D, BN, TL)[0], [BN, D]).type.layout
         if PF:
-            _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV, BN, D, LIN)
+            _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV if XFC == 2 else N, BN, D, LIN)
         for i in range(n_tiles):
-            cam = i // TPC
-            tok0 = cam * NV + (i % TPC) * BN
-            lim = cam * NV + NV   # the camera's last token + 1
+            if XFC == 2:
+                cam = i // TPC
+                tok0 = cam * NV + (i % TPC) * BN
+                lim = cam * NV + NV   # the camera's last token + 1
+            else:
+                tok0 = i * BN
+                lim = N
             if PF:
                 j = i + 1
-                cj = j // TPC
-                _fetch(raw, j % 2, K + k_row0, V + k_row0, s_kn, cj * NV + (j % TPC) * BN,
-                       gl.minimum(cj * NV + NV, N), BN, D, LIN)   # past the last tile: none
+                if XFC == 2:
+                    cj = j // TPC
+                    tj = cj * NV + (j % TPC) * BN
+                    lj = gl.minimum(cj * NV + NV, N)
+                else:
+                    tj = j * BN
+                    lj = N
+                _fetch(raw, j % 2, K + k_row0, V + k_row0, s_kn, tj, lj, BN, D,
+                       LIN)   # past the last tile: rows >= N, none copied
                 async_copy.wait_group(1)
                 kx = gl.convert_layout(gl.reshape(raw.index(2 * (i % 2)).load(LIN),
                                                   [BN, 2, D // 2]), TL)
@@ -259,8 +281,8 @@ if gluon is not None:
                 kx = _load_rows(K + k_row0, s_kn, tok0, lim, D, BN, TL)
                 vx = _load_rows(V + k_row0, s_kn, tok0, lim, D, BN, TL)
             cs, sn = _cossin(kx, tok0, lim, NV, CS, SN, PW, PMAX, D, BN)
-            kt = _xf_vals(kx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, True, XFC != 2)
-            vt = _xf_vals(vx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, True, XFC != 2)
+            kt = _xf_vals(kx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, False, XFC != 2)
+            vt = _xf_vals(vx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, False, XFC != 2)
             s = i % STAGES
             mbarrier.wait(empty.index(s), ((i // STAGES) & 1) ^ 1, pred=i >= STAGES)
             k_ring.index(s).store(gl.reshape(kt, [BN, D]).to(k_ring.dtype))
@@ -335,6 +357,34 @@ if gluon is not None:
                   D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr,
                   PIPE: gl.constexpr, turn, WG: gl.constexpr, PING: gl.constexpr):
+        """Consumer partition: attends its BM query rows, or, when they all lie past N (the
+        second consumer of a last query block that is half full), only hands each k, v stage
+        back (and passes its turns), so the other consumer has the SM's tensor cores alone."""
+        if m0 < N:
+            _attend(Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
+                    q_ready, o_ready, q_row0, o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW,
+                    PMAX, m0, TPC, NVIEW, qk_scale, D, DP, BM, BN, STAGES, CW, XFC, PIPE, turn,
+                    WG, PING)
+        else:
+            n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
+            for i in range(n_tiles):
+                s = i % STAGES
+                mbarrier.wait(ready.index(s), (i // STAGES) & 1)
+                _my_turn(turn, i, WG, PING)
+                _pass_turn(turn, WG, PING)
+                mbarrier.arrive(empty.index(s), count=1)
+            _my_turn(turn, n_tiles, WG, PING)
+            _pass_turn(turn, WG, PING)
+            if XFC == 0:
+                mbarrier.arrive(o_ready, count=1)
+
+    @gluon.jit
+    def _attend(Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
+                q_ready, o_ready, q_row0, o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW,
+                PMAX, m0, TPC, NVIEW, qk_scale,
+                D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr,
+                PIPE: gl.constexpr, turn, WG: gl.constexpr, PING: gl.constexpr):
         """Consumer partition (CW warps): the attention loop with wgmma on BM query rows.
         XFC >= 1: it also transforms its own query rows first and its output rows last (in fp32,
         through o_smem), in parallel with the other consumer, instead of leaving both to the
@@ -363,7 +413,10 @@ if gluon is not None:
         kcol = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))[None, :]
         if XFC == 0:
             mbarrier.wait(q_ready, 0)
-        n_tiles = NVIEW * TPC
+        n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
+        # keys of tile i that exist: XFC 2, those of its camera (< NV - (i % TPC) BN); else
+        # those of the sequence (< N - i BN)
+        NKEY = NV if XFC == 2 else N
         dt: gl.constexpr = k_ring.dtype
         if PIPE:
             # tile 0's scores, then per tile i: S_i = q k_i^T and O += P_(i-1) v_(i-1) issued
@@ -374,13 +427,13 @@ if gluon is not None:
                                is_async=True)
             _pass_turn(turn, WG, PING)
             sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-            p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV, kcol, qk_scale)
+            p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NKEY, kcol, qk_scale)
             p16 = gl.convert_layout(p.to(dt), P_L)
             for i in range(1, n_tiles):
                 s = i % STAGES
                 sp = (i - 1) % STAGES
                 cam = i // TPC
-                t = i % TPC
+                t = i % TPC if XFC == 2 else i
                 if XFC == 2:
                     if t == 0:   # first tile of a key camera: its P^-T on the query rows
                         _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX,
@@ -392,7 +445,7 @@ if gluon is not None:
                 acc = warpgroup_mma(p16, v_ring.index(sp), acc, is_async=True)
                 _pass_turn(turn, WG, PING)
                 sc = warpgroup_mma_wait(num_outstanding=1, deps=(sc, ))
-                p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV - t * BN, kcol, qk_scale)
+                p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NKEY - t * BN, kcol, qk_scale)
                 acc, p16 = warpgroup_mma_wait(num_outstanding=0, deps=(acc, p16))
                 mbarrier.arrive(empty.index(sp), count=1)
                 if XFC == 2:
@@ -411,7 +464,7 @@ if gluon is not None:
             for i in range(n_tiles):
                 s = i % STAGES
                 cam = i // TPC
-                t = i % TPC
+                t = i % TPC if XFC == 2 else i
                 if XFC == 2:
                     if t == 0:
                         if cam > 0:
@@ -423,7 +476,7 @@ if gluon is not None:
                 sc = warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False,
                                    is_async=True)
                 sc = warpgroup_mma_wait(num_outstanding=0, deps=(sc, ))
-                p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NV - t * BN, kcol, qk_scale)
+                p, alpha, m_i, l_i = _softmax_tile(sc, m_i, l_i, NKEY - t * BN, kcol, qk_scale)
                 acc = acc * gl.convert_layout(alpha, ROW_O)[:, None]
                 p16 = gl.convert_layout(p.to(dt), P_L)
                 acc = warpgroup_mma(p16, v_ring.index(s), acc, is_async=True)
@@ -529,13 +582,13 @@ if gluon is not None:
 # PF: the producer copies the next tile's raw k, v into shared memory (cp.async) while it
 # transforms the current one. PING (with PIPE and two consumers): the consumers issue their
 # wgmma in turns (FA3's ping-pong), so one's softmax runs under the other's tensor-core work.
-WS_CONFIGS = [(128, 64, 4, 2, 2, 192, 120, 1, 1, 1, 0),
-              (128, 64, 4, 2, 2, 192, 120, 1, 1, 1, 1),
-              (128, 64, 4, 2, 2, 192, 120, 0, 1, 1, 0), (128, 64, 4, 2, 2, 192, 120, 0, 1, 1, 1),
-              (128, 64, 4, 3, 2, 192, 120, 1, 1, 1, 1), (128, 64, 4, 2, 2, 192, 120, 1, 1, 0, 1),
-              (128, 64, 4, 2, 2, 192, 120, 0, 0, 1, 0), (128, 64, 4, 2, 2, 192, 120, 0, 0, 0, 0)]
-_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 192, 120, 1, 1, 1, 0),
-               128: (128, 64, 4, 2, 2, 192, 120, 0, 0, 1, 0)}
+WS_CONFIGS = [(128, 64, 4, 2, 2, 208, 96, 1, 1, 1, 1), (128, 64, 4, 2, 2, 192, 120, 1, 1, 1, 0),
+              (128, 64, 4, 2, 2, 200, 112, 1, 1, 1, 1), (128, 64, 4, 2, 2, 192, 120, 0, 1, 1, 0),
+              (128, 64, 4, 2, 2, 208, 96, 0, 1, 1, 1), (128, 64, 4, 3, 2, 192, 120, 1, 1, 1, 1),
+              (128, 64, 4, 2, 2, 192, 120, 1, 1, 0, 1), (128, 64, 4, 2, 2, 200, 112, 0, 0, 1, 0),
+              (128, 64, 4, 2, 2, 216, 80, 2, 1, 1, 0)]
+_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 208, 96, 1, 1, 1, 1),
+               128: (128, 64, 4, 2, 2, 200, 112, 0, 0, 1, 0)}
 _ws_override: dict = {}
 
 
