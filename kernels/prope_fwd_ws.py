@@ -30,10 +30,11 @@ RoPE quarters), so its transform stays in registers with no shuffles. A consumer
 lie past N (the second half of a last query block: N = 10368 is 40.5 blocks of 256) only hands
 the stages back, leaving the tensor cores to the other.
 
-Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims 64 and 128 (key tiles of 64);
-`supported` says when; `prope_triton` runs the pre-pass forward elsewhere (d = 48 included).
-Gluon has no CPU interpreter: its tests are GPU tests (marker `gpu`) against the float64
-reference.
+Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims 48, 64 and 128 (key tiles of 64);
+`supported` says when; `prope_triton` runs the pre-pass forward elsewhere. d = 48 works in rows
+of 64 (`_head_col` places its columns as they are loaded and stored: memory holds 48, the
+tensor cores multiply 64, the padding stays zero). Gluon has no CPU interpreter: its tests are
+GPU tests (marker `gpu`) against the float64 reference.
 
 Launch configs (`WS_CONFIGS`, `set_ws_config`) choose the register split (setmaxnreg) between
 consumers and producer, where the query / output transforms run (XFC 0: producer; 1: each
@@ -45,13 +46,16 @@ each thread copies exactly what it later reads) and PING (FA3's ping-pong: the t
 issue their wgmma in turns, through two mbarriers, so one's softmax runs under the other's
 tensor-core work).
 
-H100, bf16, B 2, h 16, 8 views of 36x36 (launch/results/bench_fwd_ws_span_h100_2026-11-24.json,
-launch/results/profile_kernels_ws_span_h100_2026-11-24.md): d = 64: 318-320 TFLOP/s forward
-(default config: XFC 1, PIPE, PF, PING, 208 / 96 registers) at 42 MiB peak (plain attention's:
-o + LSE), against the pre-pass forward's 385 at 123 MiB. Measured in one process against the
-camera-aligned tiles without the idle-consumer exit (same configs, two passes each): 292-298
-there, 302-322 here; with XFC 1, PING adds 2-10% at 200-208 consumer registers (XFC 0: none). d =
-128: 274-276 (XFC 0, PF, 200 / 112) at 82 MiB, against 348 at 244 MiB; PIPE spills there (178).
+H100, bf16, B 2, h 16, 8 views of 36x36, forward TFLOP/s at peak memory above the inputs
+(launch/results/bench_fwd_ws_span_h100_2026-11-24.json, every config;
+launch/results/profile_kernels_ws_default_h100_2026-11-24.md, the defaults in the module):
+| d | this kernel (default config) | pre-pass forward | SDPA flash (no cameras) |
+| 48 | 229 at 32 MiB (XFC 0, PIPE, PING, 208 / 96) | 290 at 93 MiB | 202 at 32 MiB |
+| 64 | 319 at 42 MiB (XFC 1, PIPE, PF, PING, 208 / 96) | 387 at 123 MiB | 315 at 42 MiB |
+| 128 | 275 at 82 MiB (XFC 0, PF, 200 / 112) | 346 at 244 MiB | 356 at 83 MiB |
+Measured in one process against camera-aligned tiles without the idle-consumer exit (same
+configs at d = 64, two passes each): 292-298 there, 302-322 here; with XFC 1, PING adds 2-10% at
+200-208 consumer registers (XFC 0: none). At d = 128 PIPE spills (155-178).
 Measured and not taken:
 - XFC 2 (the producer only rotates RoPE halves: a third of its arithmetic) runs at 223-266: the
   producer's arithmetic no longer sets the speed, and the per-camera query rewrite and
@@ -119,26 +123,50 @@ if gluon is not None:
         return gl.convert_layout(gl.permute(gl.join(yc, xr), (0, 2, 1)), x.type.layout)
 
     @gluon.jit
-    def _rows(base, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
+    def _head_col(c, D: gl.constexpr, DR: gl.constexpr):
+        """Where column c of the D-wide working layout lives in a head of DR < D columns (d =
+        48 in D = 64), and whether it exists there: the working layout keeps the head's camera
+        half (DR/2) at the start of its first half and each RoPE quarter's a and b halves (DR/8
+        each) at the start of their D/8 slots; the rest is zero padding, which q' k'^T and the
+        transforms leave at zero and o's store skips."""
+        E: gl.constexpr = D // 8
+        ER: gl.constexpr = DR // 8
+        cr = c - D // 2
+        cam = c < D // 2
+        return (gl.where(cam, c, DR // 2 + (cr // E) * ER + cr % E),
+                gl.where(cam, c < DR // 2, cr % E < ER))
+
+    @gluon.jit
+    def _rows(base, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr,
+              DR: gl.constexpr):
         """Pointers (BT, 2, D/2) (camera half, RoPE half) in layout TL to rows tok0 + [0, BT) of
         base (row stride s_n), and the mask of rows < lim."""
         tok = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, TL)))
         hf = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, TL)))[None, :, None]
         cc = gl.arange(0, D // 2, layout=gl.SliceLayout(0, gl.SliceLayout(1, TL)))[None, None, :]
-        return (base + tok.to(gl.int64)[:, None, None] * s_n + hf * (D // 2) + cc,
-                (tok < lim)[:, None, None])
+        row = base + tok.to(gl.int64)[:, None, None] * s_n
+        ok = (tok < lim)[:, None, None]
+        if DR == D:
+            ptrs = row + hf * (D // 2) + cc
+        else:
+            col, has = _head_col(hf * (D // 2) + cc, D, DR)
+            ptrs = row + col
+            ok = ok & has
+        return ptrs, ok
 
     @gluon.jit
-    def _load_rows(src, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
+    def _load_rows(src, s_n, tok0, lim, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr,
+                   DR: gl.constexpr):
         """Rows tok0 + [0, BT) of src as (BT, 2, D/2) in layout TL, in src's dtype; rows >= lim
         read as 0."""
-        ptrs, ok = _rows(src, s_n, tok0, lim, D, BT, TL)
+        ptrs, ok = _rows(src, s_n, tok0, lim, D, BT, TL, DR)
         return gl.load(ptrs, mask=ok, other=0.0)
 
     @gluon.jit
-    def _store_rows(dst, s_n, tok0, lim, y, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr):
+    def _store_rows(dst, s_n, tok0, lim, y, D: gl.constexpr, BT: gl.constexpr, TL: gl.constexpr,
+                    DR: gl.constexpr):
         """Store y (BT, 2, D/2) in layout TL to rows tok0 + [0, BT) (< lim) of dst."""
-        ptrs, ok = _rows(dst, s_n, tok0, lim, D, BT, TL)
+        ptrs, ok = _rows(dst, s_n, tok0, lim, D, BT, TL, DR)
         gl.store(ptrs, y.to(dst.dtype.element_ty), mask=ok)
 
     @gluon.jit
@@ -156,19 +184,21 @@ if gluon is not None:
         async_copy.commit_group()
 
     @gluon.jit
-    def _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr):
+    def _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr,
+                DR: gl.constexpr):
         """cos, sin (BT, 2 (x, y), D/8) in the layout of the RoPE pairs of x (BT, 2, D/2) of
         tokens tok0 + [0, BT): angles of the token's column (x) and row (y) within its view; 0
         for rows >= lim."""
-        Q8: gl.constexpr = D // 8
+        Q8: gl.constexpr = D // 8     # the working layout's slots per RoPE quarter half
+        Q8R: gl.constexpr = DR // 8   # the head's (the tables' width)
         _, like, _ = _halves(x, D, BT)
         AL: gl.constexpr = like.type.layout
         xy = gl.arange(0, 2, layout=gl.SliceLayout(0, gl.SliceLayout(2, AL)))[None, :, None]
         f = gl.arange(0, Q8, layout=gl.SliceLayout(0, gl.SliceLayout(1, AL)))[None, None, :]
         ra = tok0 + gl.arange(0, BT, layout=gl.SliceLayout(1, gl.SliceLayout(2, AL)))
         tv = (ra % NV)[:, None, None]
-        tab = xy * (PMAX * Q8) + gl.where(xy == 0, tv % PW, tv // PW) * Q8 + f
-        ok = (ra < lim)[:, None, None] & (f < Q8)
+        tab = xy * (PMAX * Q8R) + gl.where(xy == 0, tv % PW, tv // PW) * Q8R + f
+        ok = (ra < lim)[:, None, None] & (f < Q8R)
         return gl.load(CS + tab, mask=ok, other=0.0), gl.load(SN + tab, mask=ok, other=0.0)
 
     @gluon.jit
@@ -208,24 +238,24 @@ if gluon is not None:
 
     @gluon.jit
     def _xf_own(x, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D: gl.constexpr, BT: gl.constexpr,
-                INV: gl.constexpr):
+                INV: gl.constexpr, DR: gl.constexpr):
         """`_xf_vals` of the tile x of tokens tok0 + [0, BT), each row with its own camera
         (query / output rows)."""
-        cs, sn = _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D, BT)
+        cs, sn = _cossin(x, tok0, lim, NV, CS, SN, PW, PMAX, D, BT, DR)
         return _xf_vals(x, cs, sn, tok0, lim, NV, MAT, D, BT, INV, False)
 
     @gluon.jit
     def _xf_rows(src, s_n, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D: gl.constexpr,
-                 BT: gl.constexpr, INV: gl.constexpr, TL: gl.constexpr):
+                 BT: gl.constexpr, INV: gl.constexpr, TL: gl.constexpr, DR: gl.constexpr):
         """`_xf_own` of rows tok0 + [0, BT) of src."""
-        x = _load_rows(src, s_n, tok0, lim, D, BT, TL)
-        return _xf_own(x, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D, BT, INV)
+        x = _load_rows(src, s_n, tok0, lim, D, BT, TL, DR)
+        return _xf_own(x, tok0, lim, NV, MAT, CS, SN, PW, PMAX, D, BT, INV, DR)
 
     @gluon.jit
     def _producer(K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready, empty,
                   q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on, m_base, N, NV, PW,
                   PMAX, m0, TPC, NVIEW,
-                  D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  D: gl.constexpr, DR: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr,
                   XFC: gl.constexpr, PF: gl.constexpr):
         """Producer partition (4 warps): k', v' tiles into the ring; unless XFC, also q' into
@@ -233,10 +263,11 @@ if gluon is not None:
         # (rows, half, column in half): each thread the same D/4 columns of both halves
         TL: gl.constexpr = gl.BlockedLayout([1, 2, D // 4], [16, 1, 2], [4, 1, 1], [2, 1, 0])
         gl.static_assert(BN == 64)
+        gl.static_assert(not PF or DR == D)   # PF copies whole rows of D columns
         if XFC == 0:
             for r0 in gl.static_range(0, NCONS * BM, BE):
                 y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D,
-                             BE, False, TL)
+                             BE, False, TL, DR)
                 q_smem.index(r0 // BM).slice(r0 % BM, BE).store(gl.reshape(y, [BE, D]).to(
                     q_smem.dtype))
             fence_async_shared()
@@ -250,7 +281,7 @@ if gluon is not None:
         # tile i is transformed; each thread copies exactly the elements it later reads, so
         # waiting on its own copies is enough.
         n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
-        LIN: gl.constexpr = gl.reshape(_rows(K, s_kn, 0, 0, D, BN, TL)[0], [BN, D]).type.layout
+        LIN: gl.constexpr = gl.reshape(_rows(K, s_kn, 0, 0, D, BN, TL, D)[0], [BN, D]).type.layout
         if PF:
             _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV if XFC == 2 else N, BN, D, LIN)
         for i in range(n_tiles):
@@ -278,9 +309,9 @@ if gluon is not None:
                 vx = gl.convert_layout(gl.reshape(raw.index(2 * (i % 2) + 1).load(LIN),
                                                   [BN, 2, D // 2]), TL)
             else:
-                kx = _load_rows(K + k_row0, s_kn, tok0, lim, D, BN, TL)
-                vx = _load_rows(V + k_row0, s_kn, tok0, lim, D, BN, TL)
-            cs, sn = _cossin(kx, tok0, lim, NV, CS, SN, PW, PMAX, D, BN)
+                kx = _load_rows(K + k_row0, s_kn, tok0, lim, D, BN, TL, DR)
+                vx = _load_rows(V + k_row0, s_kn, tok0, lim, D, BN, TL, DR)
+            cs, sn = _cossin(kx, tok0, lim, NV, CS, SN, PW, PMAX, D, BN, DR)
             kt = _xf_vals(kx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, False, XFC != 2)
             vt = _xf_vals(vx, cs, sn, tok0, lim, NV, MK + m_base, D, BN, False, False, XFC != 2)
             s = i % STAGES
@@ -296,18 +327,18 @@ if gluon is not None:
             mbarrier.wait(o_ready, 0)
             for r0 in gl.static_range(0, NCONS * BM, BE):
                 ey = _xf_rows(O + o_row0, s_on, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D,
-                              BE, True, TL)
-                _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, BE, TL)
+                              BE, True, TL, DR)
+                _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, BE, TL, DR)
 
     @gluon.jit
     def _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX, m0, kcam,
                 D: gl.constexpr, BM: gl.constexpr, RC: gl.constexpr, XFC: gl.constexpr,
-                TLC: gl.constexpr):
+                TLC: gl.constexpr, DR: gl.constexpr):
         """The consumer's query rows q' = D^T q into q_smem; XFC == 2: their camera half then
         times P^-T of key camera kcam (q'.(P^-1 k) = (P^-T q').k: the key tiles keep raw k)."""
         for r0 in gl.static_range(0, BM, RC):
             y = _xf_rows(Q + q_row0, s_qn, m0 + r0, N, NV, MQ + m_base, CS, SN, PW, PMAX, D,
-                         RC, False, TLC)
+                         RC, False, TLC, DR)
             if XFC == 2:
                 y = _mix_cam(y, MK + m_base + kcam * 16, D, RC, True)
             q_smem.slice(r0, RC).store(gl.reshape(y, [RC, D]).to(q_smem.dtype))
@@ -354,7 +385,7 @@ if gluon is not None:
     def _consumer(Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
                   q_ready, o_ready, q_row0, o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW,
                   PMAX, m0, TPC, NVIEW, qk_scale,
-                  D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                  D: gl.constexpr, DR: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                   STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr,
                   PIPE: gl.constexpr, turn, WG: gl.constexpr, PING: gl.constexpr):
         """Consumer partition: attends its BM query rows, or, when they all lie past N (the
@@ -363,7 +394,7 @@ if gluon is not None:
         if m0 < N:
             _attend(Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
                     q_ready, o_ready, q_row0, o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW,
-                    PMAX, m0, TPC, NVIEW, qk_scale, D, DP, BM, BN, STAGES, CW, XFC, PIPE, turn,
+                    PMAX, m0, TPC, NVIEW, qk_scale, D, DR, BM, BN, STAGES, CW, XFC, PIPE, turn,
                     WG, PING)
         else:
             n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
@@ -382,7 +413,7 @@ if gluon is not None:
     def _attend(Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem, o_smem, ready, empty,
                 q_ready, o_ready, q_row0, o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW,
                 PMAX, m0, TPC, NVIEW, qk_scale,
-                D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                D: gl.constexpr, DR: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                 STAGES: gl.constexpr, CW: gl.constexpr, XFC: gl.constexpr,
                 PIPE: gl.constexpr, turn, WG: gl.constexpr, PING: gl.constexpr):
         """Consumer partition (CW warps): the attention loop with wgmma on BM query rows.
@@ -398,17 +429,17 @@ if gluon is not None:
         RC: gl.constexpr = 16 * CW
         if XFC >= 1:   # (XFC 2: for key camera 0; later cameras rewrite it in the loop)
             _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX, m0, 0, D,
-                    BM, RC, XFC, TLC)
+                    BM, RC, XFC, TLC, DR)
         S_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CW, 1],
                                                       instr_shape=[16, BN, 16])
         O_L: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[CW, 1],
-                                                      instr_shape=[16, DP, 16])
+                                                      instr_shape=[16, D, 16])
         P_L: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=O_L, k_width=2)
         ROW_S: gl.constexpr = gl.SliceLayout(1, S_L)
         ROW_O: gl.constexpr = gl.SliceLayout(1, O_L)
         m_i = gl.full([BM], float("-inf"), gl.float32, layout=ROW_S)
         l_i = gl.zeros([BM], gl.float32, layout=ROW_S)
-        acc = gl.zeros([BM, DP], gl.float32, layout=O_L)
+        acc = gl.zeros([BM, D], gl.float32, layout=O_L)
         s_zero = gl.zeros([BM, BN], gl.float32, layout=S_L)
         kcol = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))[None, :]
         if XFC == 0:
@@ -437,7 +468,7 @@ if gluon is not None:
                 if XFC == 2:
                     if t == 0:   # first tile of a key camera: its P^-T on the query rows
                         _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW, PMAX,
-                                m0, cam, D, BM, RC, XFC, TLC)
+                                m0, cam, D, BM, RC, XFC, TLC, DR)
                 mbarrier.wait(ready.index(s), (i // STAGES) & 1)
                 _my_turn(turn, i, WG, PING)
                 sc = warpgroup_mma(q_smem, k_ring.index(s).permute((1, 0)), s_zero, use_acc=False,
@@ -469,7 +500,7 @@ if gluon is not None:
                     if t == 0:
                         if cam > 0:
                             _q_tile(Q, MQ, MK, CS, SN, q_smem, q_row0, s_qn, m_base, N, NV, PW,
-                                    PMAX, m0, cam, D, BM, RC, XFC, TLC)
+                                    PMAX, m0, cam, D, BM, RC, XFC, TLC, DR)
                             acc = _acc_mix(acc, o_smem, MK + m_base + (cam - 1) * 16,
                                            MO + m_base + cam * 16, D, BM, RC, TLC)
                 mbarrier.wait(ready.index(s), (i // STAGES) & 1)
@@ -491,20 +522,24 @@ if gluon is not None:
                 ox = o_smem.slice(r0, RC).load(TLC)
                 if XFC == 2:
                     ox = _mix_cam(ox, MK + m_base + (NVIEW - 1) * 16, D, RC, False)
-                ey = _xf_own(ox, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D, RC, True)
-                _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, RC, TLC)
+                ey = _xf_own(ox, m0 + r0, N, NV, MO + m_base, CS, SN, PW, PMAX, D, RC, True, DR)
+                _store_rows(O + o_row0, s_on, m0 + r0, N, ey, D, RC, TLC, DR)
         else:
             tok = m0 + gl.arange(0, BM, layout=ROW_O)
-            c = gl.arange(0, DP, layout=gl.SliceLayout(0, O_L))[None, :]
+            c = gl.arange(0, D, layout=gl.SliceLayout(0, O_L))[None, :]
+            ok = (tok < N)[:, None]
+            if DR != D:
+                c, has = _head_col(c, D, DR)
+                ok = ok & has
             gl.store(O + o_row0 + tok.to(gl.int64)[:, None] * s_on + c, o.to(O.dtype.element_ty),
-                     mask=(tok < N)[:, None] & (c < D))
+                     mask=ok)
             mbarrier.arrive(o_ready, count=1)
 
     @gluon.jit
     def _prope_fwd_ws(Q, K, V, O, LSE, MQ, MK, MO, CS, SN,
                       s_qb, s_qh, s_qn, s_kb, s_kh, s_kn, s_ob, s_oh, s_on,
                       NH, N, NV, NVIEW, PW, PMAX, TPC, qk_scale,
-                      D: gl.constexpr, DP: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
+                      D: gl.constexpr, DR: gl.constexpr, BM: gl.constexpr, BN: gl.constexpr,
                       BE: gl.constexpr, STAGES: gl.constexpr, NCONS: gl.constexpr,
                       CREGS: gl.constexpr, PREGS: gl.constexpr, XFC: gl.constexpr,
                       PIPE: gl.constexpr, PF: gl.constexpr, PING: gl.constexpr,
@@ -517,15 +552,15 @@ if gluon is not None:
         h = bh % NH
         m0 = gl.program_id(0) * (NCONS * BM)
         dt: gl.constexpr = K.dtype.element_ty
-        kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, DP], dt)
-        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, DP], dt)
-        k_ring = gl.allocate_shared_memory(dt, [STAGES, BN, DP], kv_sl)
-        v_ring = gl.allocate_shared_memory(dt, [STAGES, BN, DP], kv_sl)
-        q_smem = gl.allocate_shared_memory(dt, [NCONS, BM, DP], q_sl)
+        kv_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BN, D], dt)
+        q_sl: gl.constexpr = gl.NVMMASharedLayout.get_default_for([BM, D], dt)
+        k_ring = gl.allocate_shared_memory(dt, [STAGES, BN, D], kv_sl)
+        v_ring = gl.allocate_shared_memory(dt, [STAGES, BN, D], kv_sl)
+        q_smem = gl.allocate_shared_memory(dt, [NCONS, BM, D], q_sl)
         o_smem = gl.allocate_shared_memory(
-            gl.float32, [NCONS if XFC >= 1 else 1, BM if XFC >= 1 else 1, 2, DP // 2],
+            gl.float32, [NCONS if XFC >= 1 else 1, BM if XFC >= 1 else 1, 2, D // 2],
             gl.SwizzledSharedLayout(1, 1, 1, order=[2, 1, 0]))
-        raw = gl.allocate_shared_memory(dt, [4 if PF else 1, BN if PF else 1, DP],
+        raw = gl.allocate_shared_memory(dt, [4 if PF else 1, BN if PF else 1, D],
                                         gl.SwizzledSharedLayout(8, 1, 8, order=[1, 0]))
         ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
         empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
@@ -551,26 +586,26 @@ if gluon is not None:
                 (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
                              o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
                              s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 0,
+                             qk_scale, D, DR, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 0,
                              False)),
                 (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready,
                              empty, q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on,
-                             m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
+                             m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DR, BM, BN, BE, STAGES,
                              NCONS, XFC, PF))], [4], [PREGS])
         else:
             gl.warp_specialize([
                 (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(0),
                              o_smem.index(0), ready, empty, q_ready, o_ready, q_row0, o_row0,
                              s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0, TPC, NVIEW,
-                             qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 0, PING)),
+                             qk_scale, D, DR, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 0, PING)),
                 (_consumer, (Q, O, LSE, MQ, MK, MO, CS, SN, k_ring, v_ring, q_smem.index(1),
                              o_smem.index(NCONS - 1), ready, empty, q_ready, o_ready, q_row0,
                              o_row0, s_qn, s_on, lse_row0, m_base, N, NV, PW, PMAX, m0 + BM, TPC,
-                             NVIEW, qk_scale, D, DP, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 1,
+                             NVIEW, qk_scale, D, DR, BM, BN, STAGES, num_warps, XFC, PIPE, turn, 1,
                              PING)),
                 (_producer, (K, V, Q, O, MK, MQ, MO, CS, SN, k_ring, v_ring, q_smem, raw, ready,
                              empty, q_ready, o_ready, k_row0, q_row0, o_row0, s_kn, s_qn, s_on,
-                             m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DP, BM, BN, BE, STAGES,
+                             m_base, N, NV, PW, PMAX, m0, TPC, NVIEW, D, DR, BM, BN, BE, STAGES,
                              NCONS, XFC, PF))], [num_warps, 4], [CREGS, PREGS])
 
 
@@ -587,36 +622,47 @@ WS_CONFIGS = [(128, 64, 4, 2, 2, 208, 96, 1, 1, 1, 1), (128, 64, 4, 2, 2, 192, 1
               (128, 64, 4, 2, 2, 208, 96, 0, 1, 1, 1), (128, 64, 4, 3, 2, 192, 120, 1, 1, 1, 1),
               (128, 64, 4, 2, 2, 192, 120, 1, 1, 0, 1), (128, 64, 4, 2, 2, 200, 112, 0, 0, 1, 0),
               (128, 64, 4, 2, 2, 216, 80, 2, 1, 1, 0)]
-_WS_DEFAULT = {64: (128, 64, 4, 2, 2, 208, 96, 1, 1, 1, 1),
+_WS_DEFAULT = {48: (128, 64, 4, 2, 2, 208, 96, 0, 1, 0, 1),
+               64: (128, 64, 4, 2, 2, 208, 96, 1, 1, 1, 1),
                128: (128, 64, 4, 2, 2, 200, 112, 0, 0, 1, 0)}
 _ws_override: dict = {}
+# head dim -> the working width D (registers, shared memory, wgmma): d = 48 works in 64 wide rows
+# (`_head_col`), without PF (its copies are of whole rows); there the query / output transforms
+# are the producer's (XFC 0: 227 TFLOP/s against 193 with XFC 1 on the H100), as their column
+# map costs the consumers more than it costs the producer
+_WIDTH = {48: 64, 64: 64, 128: 128}
 
 
-def set_ws_config(dp: int, cfg) -> None:
-    """Override the launch config (a `WS_CONFIGS` entry) for head dim dp."""
+def set_ws_config(d: int, cfg) -> None:
+    """Override the launch config (a `WS_CONFIGS` entry; None: back to the default) for head dim
+    d (one of 48, 64, 128)."""
+    if d not in _WIDTH:
+        raise ValueError(f"set_ws_config: head dim {d}; the kernel takes {sorted(_WIDTH)}")
     if cfg is None:
-        _ws_override.pop(dp, None)
+        _ws_override.pop(d, None)
     else:
-        _ws_override[dp] = tuple(cfg)
+        _ws_override[d] = tuple(cfg)
 
 
 def supported(q: Tensor) -> bool:
-    """Whether `forward_ws` runs for q: Gluon available, a Hopper+ GPU, 16-bit, d in (64, 128)."""
+    """Whether `forward_ws` runs for q: Gluon available, a Hopper+ GPU, 16-bit, d in (48, 64,
+    128)."""
     return (gluon is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in (64, 128) and _hopper_or_newer(q.device))
+            and q.shape[-1] in _WIDTH and _hopper_or_newer(q.device))
 
 
 def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, Tensor]:
     """(o, lse) like `prope_triton._forward`, with no scratch; q, k, v (B, h, N, d), unit last
     stride, k and v with equal strides."""
     if not supported(q):
-        raise ValueError(f"forward_ws: needs Gluon, a Hopper GPU, fp16/bf16 and d in (64, 128); "
-                         f"got {q.dtype}, d={q.shape[-1]}, device {q.device}")
+        raise ValueError(f"forward_ws: needs Gluon, a Hopper GPU, fp16/bf16 and d in (48, 64, "
+                         f"128); got {q.dtype}, d={q.shape[-1]}, device {q.device}")
     B, H, N, d = q.shape
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()
     o = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty(B, H, N, dtype=torch.float32, device=q.device)
+    D = _WIDTH[d]
     cfg = _ws_override.get(d, _WS_DEFAULT[d])
     bm, bn, cw, stages, ncons, cregs, pregs, xfc, pipe, pf, ping = cfg
     tpc = -(-g.per_view // bn)
@@ -624,8 +670,7 @@ def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, T
         q, k, v, o, lse, g.mats[QT], g.mats[KV], g.mats[OUT], g.ct, g.st,
         q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
         o.stride(0), o.stride(1), o.stride(2), H, N, g.per_view, g.views, g.pw, g.pmax, tpc,
-        LOG2E / math.sqrt(d), D=d, DP=d, BM=bm, BN=bn, BE=64, STAGES=stages,
-        NCONS=ncons, CREGS=cregs, PREGS=pregs, XFC=int(xfc), PIPE=bool(pipe), PF=bool(pf),
-        PING=bool(ping and pipe and ncons == 2),
-        num_warps=cw)
+        LOG2E / math.sqrt(d), D=D, DR=d, BM=bm, BN=bn, BE=64, STAGES=stages,
+        NCONS=ncons, CREGS=cregs, PREGS=pregs, XFC=int(xfc), PIPE=bool(pipe),
+        PF=bool(pf) and D == d, PING=bool(ping and pipe and ncons == 2), num_warps=cw)
     return o, lse

@@ -15,13 +15,19 @@ tensors, so they run at flash-attention speed; the per-token transforms happen o
   (a few KiB, L1-resident). The dots run in tf32 for bf16 (inside bf16's rounding), tf32x3 for
   fp16, exact for fp32. Camera matrices come from one small kernel (`_geometry_kernel`), the
   angle tables are cached per (patches, d, device).
-- Forward ("prepass", the default): one pass each writes k' and v' (input dtype) to scratch;
-  the attention kernel transforms q as it loads its query block, runs the standard
-  online-softmax loop (K/V tiles through TMA descriptors on Hopper; one dot over the full head
-  dim for QK^T and one for PV, exp2, fp32 statistics) and transforms o = D o' in registers as it
-  stores it. Saved for the backward: q, k, v, o (no copies) and the fp32 log2-sum-exp (B, h, N).
-  `set_forward(..., "merged")` selects kernels/prope_fwd_inloop.py instead: no scratch at all
-  (the transforms run inside the key loop), slower.
+- Forward, default ("ws", kernels/prope_fwd_ws.py: Hopper, 16-bit, d 48 / 64 / 128): a
+  warp-specialised Gluon kernel whose producer warps transform k, v tiles into shared memory
+  while the consumer warpgroups run the attention loop with wgmma; q is transformed as it is
+  loaded, o as it is stored. Nothing but o and the LSE is allocated: plain attention's peak.
+- Forward ("prepass", the fallback elsewhere, and a choice: `set_forward("prepass")`, about
+  20% faster at 2 transient tensors the size of k): one pass each writes k' and v' (input
+  dtype) to scratch; the attention kernel transforms q as it loads its query block, runs the
+  standard online-softmax loop (K/V tiles through TMA descriptors on Hopper; one dot over the
+  full head dim for QK^T and one for PV, exp2, fp32 statistics) and transforms o = D o' in
+  registers as it stores it. Saved for the backward (either forward): q, k, v, o (no copies)
+  and the fp32 log2-sum-exp (B, h, N). `set_forward(..., "merged")` selects
+  kernels/prope_fwd_inloop.py instead: no scratch (the transforms run inside the key loop),
+  any GPU, slower.
 - Backward ("two_kernel"): passes q' and do' = D^T do into scratch, k' and v' into the dk / dv
   buffers. The dq kernel (query block, loop over keys) also writes delta = rowsum(o * do)
   (equal to rowsum(o' * do')) and stores dq = D dq' like the forward's o; the dk/dv kernel (key
@@ -30,19 +36,21 @@ tensors, so they run at flash-attention speed; the per-token transforms happen o
   ptxas serialise its wgmma). `set_backward("atomic")` (the default at d = 64 on Hopper, where
   it measured faster) runs kernels/prope_triton_bwd.py: one kernel, 5 matmuls, dq by TMA
   reduce-add into an fp32 accumulator.
-- The trade-off: transient memory. The prepass forward holds k', v' (2 tensors the size of k)
-  during the call, the backward q', do' (2 tensors; the atomic one do' and the fp32 dq
-  accumulator); all are freed before the call returns, none is saved. So the default forward's
-  peak is plain attention's + LSE + 2 tensors, the no-scratch forward's is plain attention's +
-  LSE; the two-kernel forward+backward peak equals cuDNN's. dk and dv are rounded twice in
-  16-bit (dk', then dk), as in the unfused reference.
+- Transient memory: the prepass forward holds k', v' (2 tensors the size of k) during the
+  call, the backward q', do' (2 tensors; the atomic one do' and the fp32 dq accumulator); all
+  are freed before the call returns, none is saved. So the default forward's peak is plain
+  attention's + LSE (the prepass's: + 2 tensors); the two-kernel forward+backward peak equals
+  cuDNN's. dk and dv are rounded twice in 16-bit (dk', then dk), as in the unfused reference.
 - Head dims that are not powers of two (d = 48) run padded to the next one (64) in registers
   (a third more tensor-core work; memory holds d columns only). Tokens need not align with
   blocks: each row carries its camera.
-- Speed (H100, bf16, launch/results/profile_kernels_h100_2026-11-24.md): d = 64, N = 10368:
-  389 TFLOP/s forward, 382 forward+backward (SDPA flash 315 / 286, cuDNN 452 / 438; the PyTorch
-  reference 205 / 250); d = 48: 293 / 283 (padding); d = 128: 349 / 356; no-scratch forward
-  231 at d = 64.
+- Speed (H100, bf16, N = 10368, forward / forward+backward TFLOP/s, peak forward memory above
+  the inputs; launch/results/profile_kernels_ws_default_h100_2026-11-24.md): default (ws
+  forward) d = 64: 318 / 359 at 42 MiB; d = 48: 228 / 259 at 32 MiB; d = 128: 273 / 327 at 83
+  MiB. With `set_forward("prepass")`: 379 / 376 at 123 MiB, 293 / 275 at 92 MiB, 347 / 354 at
+  247 MiB. SDPA flash (no cameras) 315 / 284, cuDNN 446 / 430, the PyTorch reference 202 / 248
+  at d = 64. The merged no-scratch forward: 231 at d = 64
+  (launch/results/profile_kernels_h100_2026-11-24.md).
 
 Supported: bf16/fp32 on CUDA with d % 8 == 0 and 16 <= d <= 128, fp16 with d <= 64 (see
 `_precisions`); other d, fp16 at d > 64 and float64 use the reference. On CPU it runs under the
@@ -698,9 +706,10 @@ class _PRoPEAttention(torch.autograd.Function):
 
 
 # Which forward runs, for calls that record a graph for the backward ("train") and for the rest
-# ("infer"): "prepass" (fastest; k', v' in transient scratch during the call) or "merged"
-# (kernels/prope_fwd_inloop.py: no scratch, o and the LSE are all it allocates; slower).
-_FORWARD = {"train": "prepass", "infer": "prepass"}
+# ("infer"): "ws" (default; kernels/prope_fwd_ws.py where it runs, else the prepass: o and the
+# LSE are all it allocates), "prepass" (fastest; k', v' in transient scratch during the call)
+# or "merged" (kernels/prope_fwd_inloop.py: no scratch, any GPU; slower).
+_FORWARD = {"train": "ws", "infer": "ws"}
 FORWARDS = ("prepass", "merged", "ws")
 # Which backward runs: "two_kernel" (dq kernel + dk/dv kernel, 7 matmuls, scratch q', do'),
 # "atomic" (kernels/prope_triton_bwd.py: one kernel, 5 matmuls, dq by TMA reduce-add into an fp32
@@ -728,8 +737,10 @@ def set_backward(kind: str) -> None:
 
 
 def set_forward(train: Optional[str] = None, infer: Optional[str] = None) -> None:
-    """Choose the forward kernel per mode (one of `FORWARDS`): "merged" where memory is tighter
-    than time (its peak is plain attention's + the LSE), "prepass" (default) for speed."""
+    """Choose the forward kernel per mode (one of `FORWARDS`): "ws" (default: plain attention's
+    peak memory, o + the LSE; Hopper, 16-bit, d 48 / 64 / 128, else the prepass), "prepass" for
+    speed (about 20% faster; 2 transient tensors the size of k), "merged" (no scratch on any
+    GPU, slower)."""
     for mode, kind in (("train", train), ("infer", infer)):
         if kind is not None:
             if kind not in FORWARDS:

@@ -1,6 +1,7 @@
 """Time the warp-specialised no-scratch forward (kernels/prope_fwd_ws.py) per launch config
 (`WS_CONFIGS`) against the pre-pass forward, with each one's peak memory and its output's
-relative difference from the pre-pass forward's; prints a line per config, writes JSON.
+relative difference from the pre-pass forward's; prints a line per config, and rewrites the JSON
+(atomically) after each one.
 
     PYTHONPATH=. python launch/bench_fwd_ws.py [--shapes d64,head_d128] [--out FILE]
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -27,6 +29,7 @@ def main() -> None:
     ap.add_argument("--out", default=None)
     a = ap.parse_args()
     rows = []
+    env = env_info()
     for name in a.shapes.split(","):
         shape = SHAPES[name]
         q, k, v, w2c, K, patches, image = make(shape, torch.bfloat16)
@@ -51,17 +54,18 @@ def main() -> None:
                     rows.append(dict(shape=name, kernel=kernel, config=cfg, ms=ms,
                                      tflops=fl / ms * 1e-9, peak_mib=mib, rel_vs_prepass=err))
                 except Exception as e:   # a config that does not compile / fit: say why
-                    rows.append(dict(shape=name, kernel=kernel, config=cfg, error=f"{type(e).__name__}: "
-                                     f"{str(e).splitlines()[0][:120]}"))
+                    rows.append(dict(shape=name, kernel=kernel, config=cfg,
+                                     error=f"{type(e).__name__}: {str(e).splitlines()[0][:120]}"))
                 finally:
                     ws.set_ws_config(d, None)
                 r = rows[-1]
                 print(f"{name:10s} {kernel:8s} {str(cfg):34s} " + (
                     f"{r['ms']:8.3f} ms {r['tflops']:7.1f} TFLOP/s {r['peak_mib']:7.1f} MiB "
                     f"rel {r['rel_vs_prepass']:.2e}" if "ms" in r else r["error"]), flush=True)
-    if a.out:
-        with open(a.out, "w") as f:
-            json.dump(dict(env=env_info(), dtype="bfloat16", rows=rows), f, indent=1)
+                if a.out:   # after every row, whole or not at all: a time limit keeps the rows
+                    tmp = Path(a.out + ".tmp")
+                    tmp.write_text(json.dumps(dict(env=env, dtype="bfloat16", rows=rows), indent=1))
+                    os.replace(tmp, a.out)
 
 
 if __name__ == "__main__":

@@ -1,8 +1,9 @@
 """Attention kernel benchmark (GPU): TFLOP/s and peak memory, forward, backward and both.
 
-Backends: the fused PRoPE kernel (kernels/prope_triton.py) with its default modes and with each
-backward / the no-scratch forward forced (`fused_prope_two_kernel_bwd`, `fused_prope_atomic_bwd`,
-`fused_prope_noscratch_fwd`), its PyTorch reference (transforms around SDPA), plain SDPA flash
+Backends: the fused PRoPE kernel (kernels/prope_triton.py) with its default modes (the
+warp-specialised forward where it runs) and with each backward / forward forced
+(`fused_prope_two_kernel_bwd`, `fused_prope_atomic_bwd`, `fused_prope_prepass_fwd`,
+`fused_prope_merged_fwd`), its PyTorch reference (transforms around SDPA), plain SDPA flash
 (FA2), plain SDPA cuDNN, flash-attn when installed (kernels.attention's choice: the FA2 API, else
 FA4's flash_attn.cute), and `flash_attn_4` (FA4 itself; a row saying "unavailable" and why when
 it does not import: launch/fa4_wheels.sh carries it to the GPU machine). Shapes: GLD backbone
@@ -135,7 +136,7 @@ def backends(names=()):
             with sdpa_kernel([kind]):
                 return F.scaled_dot_product_attention(q, k, v)
         return f
-    def fused(train="prepass", infer="prepass", bwd="auto"):
+    def fused(train=None, infer=None, bwd="auto"):   # None: the module's default forward
         def f(q, k, v, *cam):
             saved = dict(pt._FORWARD), dict(pt._BACKWARD)
             pt.set_forward(train=train, infer=infer)
@@ -150,8 +151,8 @@ def backends(names=()):
         "fused_prope": fused(),
         "fused_prope_two_kernel_bwd": fused(bwd="two_kernel"),
         "fused_prope_atomic_bwd": fused(bwd="atomic"),
-        "fused_prope_noscratch_fwd": fused(train="merged", infer="merged"),
-        "fused_prope_ws_fwd": fused(train="ws", infer="ws"),
+        "fused_prope_prepass_fwd": fused(train="prepass", infer="prepass"),
+        "fused_prope_merged_fwd": fused(train="merged", infer="merged"),
         "reference_prope": lambda q, k, v, *cam: prope_attention_ref(q, k, v, *cam),
         "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
         "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION),

@@ -14,13 +14,18 @@ def test_forward_ws_rejects_what_it_does_not_support():
     assert not prope_fwd_ws.supported(q)
     with pytest.raises(ValueError, match="forward_ws: needs Gluon, a Hopper GPU"):
         prope_fwd_ws.forward_ws(q, q, q, None)
+    with pytest.raises(ValueError, match=r"head dim 32; the kernel takes \[48, 64, 128\]"):
+        prope_fwd_ws.set_ws_config(32, prope_fwd_ws.WS_CONFIGS[0])
 
 
-def test_set_forward_accepts_ws():
+def test_ws_is_the_default_forward_and_set_forward_switches_per_mode():
+    assert prope_triton._FORWARD == {"train": "ws", "infer": "ws"}
     saved = dict(prope_triton._FORWARD)
     try:
-        prope_triton.set_forward(train="ws", infer="ws")
-        assert prope_triton._FORWARD == {"train": "ws", "infer": "ws"}
+        prope_triton.set_forward(train="prepass")
+        assert prope_triton._FORWARD == {"train": "prepass", "infer": "ws"}
+        prope_triton.set_forward(train="ws", infer="merged")
+        assert prope_triton._FORWARD == {"train": "ws", "infer": "merged"}
         with pytest.raises(ValueError, match="choose one of"):
             prope_triton.set_forward(infer="fast")
     finally:
@@ -34,7 +39,7 @@ def _needs_hopper():
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (18, 18)), (8, (18, 18)), (2, (9, 20))])
 def test_gpu_ws_error_at_most_twice_reference(dtype, d, V, patches):
     _needs_hopper()
@@ -66,6 +71,27 @@ def test_gpu_ws_every_config_at_d64(cfg, V, patches):
             _, lse_pre = prope_triton._forward(*ins, g)
     finally:
         prope_fwd_ws.set_ws_config(64, None)
+    assert_within_twice(("o",), [got], [base], [want])
+    torch.testing.assert_close(lse, lse_pre, rtol=1e-2, atol=2e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("cfg", prope_fwd_ws.WS_CONFIGS, ids=str)
+def test_gpu_ws_every_config_at_d48(cfg):
+    """d = 48 in 64-wide rows (`_head_col`): each config (PF is turned off there) within 2x the
+    reference's error, with the pre-pass forward's LSE; 9x20 patches: views of 180 tokens, so
+    key tiles span cameras mid-tile."""
+    _needs_hopper()
+    ins, cams, want = gpu_forward_case(torch.bfloat16, 48, 3, (9, 20))
+    g = prope_triton._geometry(*cams, 48, "cuda")
+    prope_fwd_ws.set_ws_config(48, cfg)
+    try:
+        with torch.no_grad():
+            got, lse = prope_fwd_ws.forward_ws(*ins, g)
+            base = prope_attention_ref(*ins, *cams)
+            _, lse_pre = prope_triton._forward(*ins, g)
+    finally:
+        prope_fwd_ws.set_ws_config(48, None)
     assert_within_twice(("o",), [got], [base], [want])
     torch.testing.assert_close(lse, lse_pre, rtol=1e-2, atol=2e-2)
 

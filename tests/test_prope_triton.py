@@ -211,13 +211,23 @@ def test_gpu_float32(d):
 
 @pytest.mark.gpu
 def test_gpu_entry_point_uses_fused_kernel(monkeypatch):
+    """kernels.attention with cameras on a Hopper GPU runs the default (warp-specialised)
+    forward kernel, without a graph and through the autograd Function alike."""
+    from kernels import prope_fwd_ws
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("the default forward kernel needs a Hopper GPU")
     q, k, v, w2c, K = make_inputs(B=1, h=2, V=2, patches=(4, 4), d=64, image=(56, 56),
                                   dtype=torch.float32)
     cams = PRoPECameras(w2c.float().cuda(), K.float().cuda(), (4, 4), (56, 56))
     calls = []
-    real = prope_triton._PRoPEAttention.apply
-    monkeypatch.setattr(prope_triton._PRoPEAttention, "apply",
-                        lambda *a: calls.append(1) or real(*a))
-    out = attention(q.cuda().bfloat16(), k.cuda().bfloat16(), v.cuda().bfloat16(), cams)
-    assert calls and out.dtype == torch.bfloat16
+    real = prope_fwd_ws.forward_ws
+    monkeypatch.setattr(prope_fwd_ws, "forward_ws", lambda *a: calls.append(1) or real(*a))
+    q, k, v = (t.cuda().bfloat16() for t in (q, k, v))
+    with torch.no_grad():
+        out = attention(q, k, v, cams)
+    assert calls == [1] and out.dtype == torch.bfloat16
+    x = q.clone().requires_grad_()
+    out2 = attention(x, k, v, cams)
+    assert calls == [1, 1] and out2.grad_fn is not None
+    torch.testing.assert_close(out, out2.detach(), rtol=0, atol=0)
     assert math.isfinite(out.float().abs().sum().item())
