@@ -55,7 +55,8 @@ launch/results/profile_kernels_ws_default_h100_2026-11-24.md, the defaults in th
 | 128 | 275 at 82 MiB (XFC 0, PF, 200 / 112) | 346 at 244 MiB | 356 at 83 MiB |
 Measured in one process against camera-aligned tiles without the idle-consumer exit (same
 configs at d = 64, two passes each): 292-298 there, 302-322 here; with XFC 1, PING adds 2-10% at
-200-208 consumer registers (XFC 0: none). At d = 128 PIPE spills (155-178).
+200-208 consumer registers (XFC 0: none); PF adds 6% (319 against 300 without). At d = 128
+PIPE spills (155-178).
 Measured and not taken:
 - XFC 2 (the producer only rotates RoPE halves: a third of its arithmetic) runs at 223-266: the
   producer's arithmetic no longer sets the speed, and the per-camera query rewrite and
@@ -280,7 +281,7 @@ if gluon is not None:
         # cos / sin. PF: the raw k, v of tile i + 1 are copied (cp.async) into staging while
         # tile i is transformed; each thread copies exactly the elements it later reads, so
         # waiting on its own copies is enough.
-        n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
+        n_tiles = _n_tiles(N, NVIEW, TPC, BN, XFC)
         LIN: gl.constexpr = gl.reshape(_rows(K, s_kn, 0, 0, D, BN, TL, D)[0], [BN, D]).type.layout
         if PF:
             _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV if XFC == 2 else N, BN, D, LIN)
@@ -355,6 +356,11 @@ if gluon is not None:
         return o_smem.reshape([BM, D]).load(acc.type.layout)
 
     @gluon.jit
+    def _n_tiles(N, NVIEW, TPC, BN: gl.constexpr, XFC: gl.constexpr):
+        """Key tiles per program: of the whole sequence, or (XFC 2) TPC per camera."""
+        return NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
+
+    @gluon.jit
     def _my_turn(turn, g, WG: gl.constexpr, PING: gl.constexpr):
         """PING: wait until the other consumer has issued its tensor-core work of step g (of
         g - 1 for consumer 0), so the two issue in turns and one's softmax runs under the
@@ -397,7 +403,7 @@ if gluon is not None:
                     PMAX, m0, TPC, NVIEW, qk_scale, D, DR, BM, BN, STAGES, CW, XFC, PIPE, turn,
                     WG, PING)
         else:
-            n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
+            n_tiles = _n_tiles(N, NVIEW, TPC, BN, XFC)
             for i in range(n_tiles):
                 s = i % STAGES
                 mbarrier.wait(ready.index(s), (i // STAGES) & 1)
@@ -444,7 +450,7 @@ if gluon is not None:
         kcol = gl.arange(0, BN, layout=gl.SliceLayout(0, S_L))[None, :]
         if XFC == 0:
             mbarrier.wait(q_ready, 0)
-        n_tiles = NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
+        n_tiles = _n_tiles(N, NVIEW, TPC, BN, XFC)
         # keys of tile i that exist: XFC 2, those of its camera (< NV - (i % TPC) BN); else
         # those of the sequence (< N - i BN)
         NKEY = NV if XFC == 2 else N

@@ -37,63 +37,41 @@ def _needs_hopper():
         pytest.skip("needs a Hopper GPU")
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-@pytest.mark.parametrize("d", [48, 64, 128])
-@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (18, 18)), (8, (18, 18)), (2, (9, 20))])
-def test_gpu_ws_error_at_most_twice_reference(dtype, d, V, patches):
+def _check_ws(dtype, d, V, patches, cfg=None):
+    """forward_ws (launch config cfg, default None) within 2x the reference's error against
+    float64, in q's dtype, with the pre-pass forward's LSE."""
     _needs_hopper()
     ins, cams, want = gpu_forward_case(dtype, d, V, patches)
     g = prope_triton._geometry(*cams, d, "cuda")
-    with torch.no_grad():
-        got, lse = prope_fwd_ws.forward_ws(*ins, g)
-        base = prope_attention_ref(*ins, *cams)
-        o_pre, lse_pre = prope_triton._forward(*ins, g)
+    prope_fwd_ws.set_ws_config(d, cfg)
+    try:
+        with torch.no_grad():
+            got, lse = prope_fwd_ws.forward_ws(*ins, g)
+            base = prope_attention_ref(*ins, *cams)
+            _, lse_pre = prope_triton._forward(*ins, g)
+    finally:
+        prope_fwd_ws.set_ws_config(d, None)
     assert got.dtype == dtype
     assert_within_twice(("o",), [got], [base], [want])
     torch.testing.assert_close(lse, lse_pre, rtol=1e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("cfg", prope_fwd_ws.WS_CONFIGS, ids=str)
-@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (8, (18, 18))])
-def test_gpu_ws_every_config_at_d64(cfg, V, patches):
-    """Each launch config (the three transform placements XFC 0 / 1 / 2 included) within 2x the
-    reference's error, with the pre-pass forward's LSE."""
-    _needs_hopper()
-    ins, cams, want = gpu_forward_case(torch.bfloat16, 64, V, patches)
-    g = prope_triton._geometry(*cams, 64, "cuda")
-    prope_fwd_ws.set_ws_config(64, cfg)
-    try:
-        with torch.no_grad():
-            got, lse = prope_fwd_ws.forward_ws(*ins, g)
-            base = prope_attention_ref(*ins, *cams)
-            _, lse_pre = prope_triton._forward(*ins, g)
-    finally:
-        prope_fwd_ws.set_ws_config(64, None)
-    assert_within_twice(("o",), [got], [base], [want])
-    torch.testing.assert_close(lse, lse_pre, rtol=1e-2, atol=2e-2)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d", [48, 64, 128])
+@pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (18, 18)), (8, (18, 18)), (2, (9, 20))])
+def test_gpu_ws_error_at_most_twice_reference(dtype, d, V, patches):
+    _check_ws(dtype, d, V, patches)
 
 
 @pytest.mark.gpu
 @pytest.mark.parametrize("cfg", prope_fwd_ws.WS_CONFIGS, ids=str)
-def test_gpu_ws_every_config_at_d48(cfg):
-    """d = 48 in 64-wide rows (`_head_col`): each config (PF is turned off there) within 2x the
-    reference's error, with the pre-pass forward's LSE; 9x20 patches: views of 180 tokens, so
-    key tiles span cameras mid-tile."""
-    _needs_hopper()
-    ins, cams, want = gpu_forward_case(torch.bfloat16, 48, 3, (9, 20))
-    g = prope_triton._geometry(*cams, 48, "cuda")
-    prope_fwd_ws.set_ws_config(48, cfg)
-    try:
-        with torch.no_grad():
-            got, lse = prope_fwd_ws.forward_ws(*ins, g)
-            base = prope_attention_ref(*ins, *cams)
-            _, lse_pre = prope_triton._forward(*ins, g)
-    finally:
-        prope_fwd_ws.set_ws_config(48, None)
-    assert_within_twice(("o",), [got], [base], [want])
-    torch.testing.assert_close(lse, lse_pre, rtol=1e-2, atol=2e-2)
+@pytest.mark.parametrize("d,V,patches", [(64, 3, (3, 5)), (64, 8, (18, 18)), (48, 3, (9, 20))])
+def test_gpu_ws_every_config(cfg, d, V, patches):
+    """Each launch config (the three transform placements XFC 0 / 1 / 2 included); d = 48 in
+    64-wide rows (`_head_col`, PF turned off); 9x20 patches: views of 180 tokens, so key tiles
+    span cameras mid-tile."""
+    _check_ws(torch.bfloat16, d, V, patches, cfg)
 
 
 @pytest.mark.gpu
