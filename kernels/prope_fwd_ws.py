@@ -30,7 +30,7 @@ RoPE quarters), so its transform stays in registers with no shuffles. A consumer
 lie past N (the second half of a last query block: N = 10368 is 40.5 blocks of 256) only hands
 the stages back, leaving the tensor cores to the other.
 
-Hopper (sm_90) and newer CUDA GPUs, 16-bit inputs, head dims 48, 64 and 128 (key tiles of 64);
+Hopper (sm_90) GPUs, 16-bit inputs, head dims 48, 64 and 128 (key tiles of 64);
 `supported` says when; `prope_triton` runs the pre-pass forward elsewhere. d = 48 works in rows
 of 64 (`_head_col` places its columns as they are loaded and stored: memory holds 48, the
 tensor cores multiply 64, the padding stays zero). Gluon has no CPU interpreter: its tests are
@@ -85,7 +85,7 @@ try:   # Gluon: Triton >= 3.5
 except ImportError:  # pragma: no cover - older Triton
     gluon = None
 
-from kernels.prope_triton import KV, LOG2E, OUT, QT, _Geometry, _hopper_or_newer
+from kernels.prope_triton import KV, LOG2E, OUT, QT, _Geometry
 
 __all__ = ["forward_ws", "supported", "WS_CONFIGS"]
 
@@ -651,18 +651,18 @@ def set_ws_config(d: int, cfg) -> None:
 
 
 def supported(q: Tensor) -> bool:
-    """Whether `forward_ws` runs for q: Gluon available, a Hopper+ GPU, 16-bit, d in (48, 64,
-    128)."""
+    """Whether `forward_ws` runs for q: Gluon available, a Hopper GPU (sm_90: wgmma, which
+    Blackwell does not have), 16-bit, d in (48, 64, 128)."""
     return (gluon is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in _WIDTH and _hopper_or_newer(q.device))
+            and q.shape[-1] in _WIDTH and torch.cuda.get_device_capability(q.device)[0] == 9)
 
 
 def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, Tensor]:
     """(o, lse) like `prope_triton._forward`, with no scratch; q, k, v (B, h, N, d), unit last
     stride, k and v with equal strides."""
     if not supported(q):
-        raise ValueError(f"forward_ws: needs Gluon, a Hopper GPU, fp16/bf16 and d in (48, 64, "
-                         f"128); got {q.dtype}, d={q.shape[-1]}, device {q.device}")
+        raise ValueError(f"forward_ws: needs Gluon, a Hopper GPU (sm_90), fp16/bf16 and d in "
+                         f"(48, 64, 128); got {q.dtype}, d={q.shape[-1]}, device {q.device}")
     B, H, N, d = q.shape
     if k.stride() != v.stride():
         k, v = k.contiguous(), v.contiguous()

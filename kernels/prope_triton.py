@@ -15,7 +15,7 @@ tensors, so they run at flash-attention speed; the per-token transforms happen o
   (a few KiB, L1-resident). The dots run in tf32 for bf16 (inside bf16's rounding), tf32x3 for
   fp16, exact for fp32. Camera matrices come from one small kernel (`_geometry_kernel`), the
   angle tables are cached per (patches, d, device).
-- Forward, default ("ws", kernels/prope_fwd_ws.py: Hopper, 16-bit, d 48 / 64 / 128): a
+- Forward, default ("ws", kernels/prope_fwd_ws.py: Hopper (sm_90), 16-bit, d 48 / 64 / 128): a
   warp-specialised Gluon kernel whose producer warps transform k, v tiles into shared memory
   while the consumer warpgroups run the attention loop with wgmma; q is transformed as it is
   loaded, o as it is stored. Nothing but o and the LSE is allocated: plain attention's peak.

@@ -33,8 +33,8 @@ def test_ws_is_the_default_forward_and_set_forward_switches_per_mode():
 
 
 def _needs_hopper():
-    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("needs a Hopper GPU")
+    if not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9:
+        pytest.skip("needs a Hopper GPU (sm_90)")
 
 
 def _check_ws(dtype, d, V, patches, cfg=None):
