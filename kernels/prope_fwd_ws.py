@@ -85,7 +85,7 @@ try:   # Gluon: Triton >= 3.5
 except ImportError:  # pragma: no cover - older Triton
     gluon = None
 
-from kernels.prope_triton import KV, LOG2E, OUT, QT, _Geometry
+from kernels.prope_triton import KV, LOG2E, OUT, QT, _Geometry, _sm_major
 
 __all__ = ["forward_ws", "supported", "WS_CONFIGS"]
 
@@ -284,26 +284,13 @@ if gluon is not None:
         n_tiles = _n_tiles(N, NVIEW, TPC, BN, XFC)
         LIN: gl.constexpr = gl.reshape(_rows(K, s_kn, 0, 0, D, BN, TL, D)[0], [BN, D]).type.layout
         if PF:
-            _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, 0, NV if XFC == 2 else N, BN, D, LIN)
+            t0, l0 = _key_tile(0, N, NV, TPC, BN, XFC)
+            _fetch(raw, 0, K + k_row0, V + k_row0, s_kn, t0, l0, BN, D, LIN)
         for i in range(n_tiles):
-            if XFC == 2:
-                cam = i // TPC
-                tok0 = cam * NV + (i % TPC) * BN
-                lim = cam * NV + NV   # the camera's last token + 1
-            else:
-                tok0 = i * BN
-                lim = N
-            if PF:
-                j = i + 1
-                if XFC == 2:
-                    cj = j // TPC
-                    tj = cj * NV + (j % TPC) * BN
-                    lj = gl.minimum(cj * NV + NV, N)
-                else:
-                    tj = j * BN
-                    lj = N
-                _fetch(raw, j % 2, K + k_row0, V + k_row0, s_kn, tj, lj, BN, D,
-                       LIN)   # past the last tile: rows >= N, none copied
+            tok0, lim = _key_tile(i, N, NV, TPC, BN, XFC)
+            if PF:   # past the last tile: rows >= N, none copied
+                tj, lj = _key_tile(i + 1, N, NV, TPC, BN, XFC)
+                _fetch(raw, (i + 1) % 2, K + k_row0, V + k_row0, s_kn, tj, lj, BN, D, LIN)
                 async_copy.wait_group(1)
                 kx = gl.convert_layout(gl.reshape(raw.index(2 * (i % 2)).load(LIN),
                                                   [BN, 2, D // 2]), TL)
@@ -359,6 +346,19 @@ if gluon is not None:
     def _n_tiles(N, NVIEW, TPC, BN: gl.constexpr, XFC: gl.constexpr):
         """Key tiles per program: of the whole sequence, or (XFC 2) TPC per camera."""
         return NVIEW * TPC if XFC == 2 else gl.cdiv(N, BN)
+
+    @gluon.jit
+    def _key_tile(i, N, NV, TPC, BN: gl.constexpr, XFC: gl.constexpr):
+        """Key tile i's first row and the end of the rows it may read: the sequence's, or (XFC 2)
+        its camera's (TPC tiles per camera of NV tokens; at most N past the last camera)."""
+        if XFC == 2:
+            cam = i // TPC
+            tok0 = cam * NV + (i % TPC) * BN
+            lim = gl.minimum(cam * NV + NV, N)
+        else:
+            tok0 = i * BN
+            lim = N
+        return tok0, lim
 
     @gluon.jit
     def _my_turn(turn, g, WG: gl.constexpr, PING: gl.constexpr):
@@ -654,7 +654,7 @@ def supported(q: Tensor) -> bool:
     """Whether `forward_ws` runs for q: Gluon available, a Hopper GPU (sm_90: wgmma, which
     Blackwell does not have), 16-bit, d in (48, 64, 128)."""
     return (gluon is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[-1] in _WIDTH and torch.cuda.get_device_capability(q.device)[0] == 9)
+            and q.shape[-1] in _WIDTH and _sm_major(q.device) == 9)
 
 
 def forward_ws(q: Tensor, k: Tensor, v: Tensor, g: _Geometry) -> tuple[Tensor, Tensor]:

@@ -548,8 +548,13 @@ def _transform(x: Tensor, y: Tensor, g: _Geometry, which: int, inverse: bool) ->
 
 
 @functools.lru_cache(maxsize=None)
+def _sm_major(device: torch.device) -> int:
+    """The device's compute capability major (9: Hopper), looked up once per device."""
+    return torch.cuda.get_device_capability(device)[0]
+
+
 def _hopper_or_newer(device: torch.device) -> bool:
-    return torch.cuda.get_device_capability(device)[0] >= 9
+    return _sm_major(device) >= 9
 
 
 def _use_tma(x: Tensor) -> bool:
