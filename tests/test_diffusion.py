@@ -58,7 +58,7 @@ def test_path_and_target():
     # the target is the time derivative of the path
     t0, h = torch.tensor([0.1, 0.5, 0.8], dtype=torch.float64), 1e-3
     fd = (interpolate(x.double(), eps.double(), t0 + h) - interpolate(x.double(), eps.double(), t0)) / h
-    torch.testing.assert_close(fd, velocity_target(x, eps).double(), rtol=0, atol=1e-9)
+    torch.testing.assert_close(fd, velocity_target(x.double(), eps.double()), rtol=0, atol=1e-9)
     with pytest.raises(ValueError, match="one time per sample"):
         interpolate(x, eps, torch.zeros(2))
 
