@@ -2,8 +2,13 @@
 
 The official network is built from its own config with every parameter randomised, saved the
 way the published `model.safetensors` files are (the network under `.model`, tied aliases
-dropped: 437 stored keys for 443 state-dict entries) and loaded through our loader. Backbone
-levels and propagation must be bit-exact; heads and poses within 1e-5 (they are exact today).
+dropped: 437 stored keys for 443 state-dict entries) and loaded through our loader.
+
+No tolerance in fp32: our code runs the official operations in the official order (docs/da3.md),
+and the same fp32 operations on the same shapes in one process give the same bits, so levels,
+propagation, heads, poses and the API's pose normalisation are compared with `torch.equal`.
+Where the computations differ (bf16 autocast on the CPU; gld.geometry's pose normalisation), the
+bound is derived in the test.
 
 CI installs the official package without its dependency tree:
     pip install --no-deps depth-anything-3==0.1.1 addict omegaconf
@@ -24,31 +29,17 @@ from depth_anything_3.model.utils.transform import pose_encoding_to_extri_intri 
 from depth_anything_3.utils.geometry import affine_inverse  # noqa: E402
 from safetensors.torch import save_model  # noqa: E402
 
+from gld.checkpoints.da3 import read_da3  # noqa: E402
+from gld.checkpoints.loading import load_into  # noqa: E402
 from gld.encoders import DA3  # noqa: E402
 from gld.encoders.da3.camera import normalize_extrinsics  # noqa: E402
+from gld.encoders.da3.measure import randomize_  # noqa: E402
 from gld.geometry import c2w_to_w2c, make_intrinsics, normalize_poses  # noqa: E402
 from tests.geometry_utils import random_c2w  # noqa: E402
 
-TOL = 1e-5
+EPS = torch.finfo(torch.float32).eps
+U_BF16 = 2.0 ** -8  # unit roundoff of bfloat16 (8 significand bits)
 CASES = [(v, hw) for v in (1, 2, 4) for hw in ((56, 56), (42, 70))]
-
-
-def randomize(net: nn.Module, seed: int = 0) -> None:
-    """Every parameter random (norm scales near 1, small biases, 1/sqrt(fan_in) weights), so that
-    no loaded tensor can be silently ignored or swapped."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in net.named_parameters():
-            r = torch.randn(p.shape, generator=g)
-            if p.dim() == 1 and name.endswith(("weight", "gamma")) and ("norm" in name or "ls" in name
-                                                                         or "gamma" in name):
-                p.copy_(1 + 0.2 * r)
-            elif p.dim() == 1:
-                p.copy_(0.05 * r)
-            elif name.endswith(("pos_embed", "cls_token", "camera_token")):
-                p.copy_(0.5 * r)
-            else:
-                p.copy_(r / p[0].numel() ** 0.5)
 
 
 class _Published(nn.Module):
@@ -65,13 +56,15 @@ def pair(request, tmp_path_factory):
     torch.manual_seed(0)
     net = da3_cfg.create_object(da3_cfg.load_config(f"depth_anything_3.configs.da3-{variant}"))
     net.eval()
-    randomize(net, seed=1 if variant == "small" else 2)
+    randomize_(net, seed=1 if variant == "small" else 2)  # no tensor can be silently ignored
     folder = tmp_path_factory.mktemp(f"da3-{variant}")
     save_model(_Published(net), str(folder / "model.safetensors"))
     (folder / "config.json").write_text(json.dumps({"model_name": f"da3-{variant}"}))
-    ours = DA3.from_pretrained(folder)
-    assert ours.variant == f"da3-{variant}"
-    assert ours.load_report.ok and len(ours.load_report.aliases_filled) == 6
+    ckpt = read_da3(folder)
+    assert ckpt.config.name == f"da3-{variant}"
+    ours = DA3(ckpt.config)
+    report = load_into(ours, ckpt.state, where=ckpt.weights)
+    assert report.ok and len(report.aliases_filled) == 6
     return net, ours
 
 
@@ -81,6 +74,10 @@ def _images(B, V, H, W, seed):
 
 def _maxdiff(a, b):
     return (a - b).abs().max().item()
+
+
+def _same(a, b, what):
+    assert a.shape == b.shape and torch.equal(a, b), f"{what}: max |diff| {_maxdiff(a, b)}"
 
 
 @pytest.mark.parametrize("views,size", CASES)
@@ -101,15 +98,14 @@ def test_unposed_parity(pair, views, size):
     for i, (lv, (ref_feat, ref_tok)) in enumerate(zip(levels, ref_levels)):
         assert lv.features.shape == (2, views, (H // 14) * (W // 14), 2 * C)
         assert lv.cam_token.shape == (2, views, 2 * C)
-        assert torch.equal(lv.features, ref_feat), f"level {i}: {_maxdiff(lv.features, ref_feat)}"
-        assert torch.equal(lv.cam_token, ref_tok), f"cam token {i}: {_maxdiff(lv.cam_token, ref_tok)}"
+        _same(lv.features, ref_feat, f"level {i}")
+        _same(lv.cam_token, ref_tok, f"cam token {i}")
     for key in ("depth", "depth_conf", "ray", "ray_conf"):
-        assert geo[key].shape == ref_head[key].shape, key
-        assert _maxdiff(geo[key], ref_head[key]) <= TOL, key
+        _same(geo[key], ref_head[key], key)
     assert geo["ray"].shape == (2, views, 8 * H // 14, 8 * W // 14, 6)
-    assert _maxdiff(geo["depth"], ref_out["depth"]) <= TOL
-    assert _maxdiff(geo["w2c"][..., :3, :], ref_out["extrinsics"]) <= TOL
-    assert _maxdiff(geo["K"], ref_out["intrinsics"]) <= TOL
+    _same(geo["depth"], ref_out["depth"], "depth (whole network)")
+    _same(geo["w2c"][..., :3, :], ref_out["extrinsics"], "w2c")
+    _same(geo["K"], ref_out["intrinsics"], "K")
     torch.testing.assert_close(geo["w2c"][..., 3, :], torch.tensor([0.0, 0, 0, 1]).expand(2, views, 4))
 
 
@@ -138,7 +134,7 @@ def test_posed_parity(pair, views, size):
     imgs = _images(1, views, H, W, seed=views)
     x = ours.normalize_images(imgs)
     w2c_norm = _official_api_normalize(w2c.clone())
-    assert _maxdiff(normalize_extrinsics(w2c), w2c_norm) <= 1e-6
+    _same(normalize_extrinsics(w2c), w2c_norm, "normalised poses")
     with torch.no_grad():
         tok = net.cam_enc(w2c_norm, K, (H, W))
         ref_levels, _ = net.backbone(x, cam_token=tok, export_feat_layers=[])
@@ -146,22 +142,29 @@ def test_posed_parity(pair, views, size):
     levels = ours.encode(imgs, w2c=w2c, K=K)
     geo = ours.geometry(levels, (H, W))
     for i, (lv, (ref_feat, ref_tok)) in enumerate(zip(levels, ref_levels)):
-        assert _maxdiff(lv.features, ref_feat) <= TOL, f"level {i}"
-        assert _maxdiff(lv.cam_token, ref_tok) <= TOL, f"cam token {i}"
-    assert _maxdiff(geo["depth"], ref_out["depth"]) <= TOL
-    assert _maxdiff(geo["depth_conf"], ref_out["depth_conf"]) <= TOL
-    assert _maxdiff(geo["w2c"][..., :3, :], ref_out["extrinsics"]) <= TOL
+        _same(lv.features, ref_feat, f"level {i}")
+        _same(lv.cam_token, ref_tok, f"cam token {i}")
+    for key in ("depth", "depth_conf"):
+        _same(geo[key], ref_out[key], key)
+    _same(geo["w2c"][..., :3, :], ref_out["extrinsics"], "w2c")
     # Camera tokens differ from the learned ones, so the poses really entered the backbone.
     assert not torch.allclose(levels[0].cam_token, ours.encode(imgs)[0].cam_token)
 
 
 def test_api_normalisation_is_gld_median_scheme():
-    """The API's scheme equals gld.geometry's "median" normalisation relative to view 0."""
+    """The API's scheme equals gld.geometry's "median" normalisation relative to view 0.
+
+    Two different fp32 computations of the same 4x4 matrices: between them eight steps (4x4
+    products and rigid inverses, the distance norm, the division by the median), each a sum of
+    at most 4 terms, so each off by at most 4 eps of the entries' magnitude (the worst case:
+    too short a sum for a random-walk estimate), and they agree to 4 eps * 8 * max |entry|.
+    """
     g = torch.Generator().manual_seed(3)
     c2w = random_c2w(5, g).float()[None]
     ours_c2w, _ = normalize_poses(c2w, ref_index=0, scale="median")
-    torch.testing.assert_close(normalize_extrinsics(c2w_to_w2c(c2w)), c2w_to_w2c(ours_c2w),
-                               atol=1e-5, rtol=0)
+    want = c2w_to_w2c(ours_c2w)
+    bound = 4 * EPS * 8 * want.abs().max().item()
+    torch.testing.assert_close(normalize_extrinsics(c2w_to_w2c(c2w)), want, atol=bound, rtol=0)
 
 
 def test_propagate_is_exact(pair):
@@ -209,9 +212,13 @@ def test_bf16_autocast_matches_official(pair):
     """Same bf16 autocast recipe as the official API (backbone bf16, heads fp32).
 
     Close, not equal: CPU autocast leaves LayerNorm in bf16, so on the CPU the official code
-    builds its RoPE tables in bf16 after qk-norm, while we always compute RoPE in fp32 (what the
-    official code does on CUDA, where LayerNorm autocasts to fp32). Differences stay at bf16
-    rounding level (measured about 0.3% of the largest feature).
+    rotates q and k (RoPE) in bf16 after qk-norm, while we always rotate in fp32 (what the
+    official code does on CUDA, where LayerNorm autocasts to fp32). So each RoPE block (blocks
+    alt_start.. of the level) rounds q and k to bf16 at a different point: a relative change of
+    at most U_BF16 in that block's attention output, and independent changes of successive
+    blocks add like a random walk, giving U_BF16 * sqrt(RoPE blocks so far) of the level's
+    largest feature (about 2.5x what is seen). The fp32 head gets all four levels: its depth is
+    bounded by the sum of their bounds, relative to the largest depth.
     """
     net, ours = pair
     if ours.variant != "da3-small":
@@ -223,8 +230,10 @@ def test_bf16_autocast_matches_official(pair):
         ref = net(x)
     levels = ours.encode(imgs, amp=torch.bfloat16)
     geo = ours.geometry(levels, (42, 56))
-    for lv, (ref_feat, _) in zip(levels, ref_levels):
+    cfg = ours.config
+    bounds = [U_BF16 * (block + 1 - cfg.alt_start) ** 0.5 for block in cfg.out_layers]
+    for lv, (ref_feat, _), bound in zip(levels, ref_levels, bounds):
         assert lv.features.dtype == ref_feat.dtype == torch.float32
-        assert _maxdiff(lv.features, ref_feat) <= 1e-2 * ref_feat.abs().max().item()
+        assert _maxdiff(lv.features, ref_feat) <= bound * ref_feat.abs().max().item()
     assert geo["depth"].dtype == torch.float32
-    assert _maxdiff(geo["depth"], ref["depth"]) <= 2e-2 * ref["depth"].abs().max().item()
+    assert _maxdiff(geo["depth"], ref["depth"]) <= sum(bounds) * ref["depth"].abs().max().item()

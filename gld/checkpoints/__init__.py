@@ -1,3 +1,8 @@
-"""Key mappings for published files: `da3` (Depth Anything 3 releases), `gld_release` (the GLD
-authors' DA3 head fine-tune, dpt_decoder.pt). Untrusted files load with safetensors or
-torch.load(weights_only=True)."""
+"""Reading published checkpoint files into the project's modules (the modules know no files).
+
+loading.py: `read_state_dict` (safetensors, or torch.load(weights_only=True): no pickled code
+runs), `load_into` (by key name, a `LoadReport` naming missing / unexpected keys) and
+`CheckpointError` (names the file and the problem); da3.py: the official Depth Anything 3
+releases (`load_da3`, `read_da3`, key mapping); gld_release.py: the GLD authors' fine-tuned DA3
+head, dpt_decoder.pt (`load_gld_dpt_decoder`).
+"""

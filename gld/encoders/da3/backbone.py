@@ -15,9 +15,11 @@ Level l (out block L = out_layers[l], a global block; `local` = output of block 
 `propagate` rebuilds the raw output of block L-1 from the local half and token 0 and runs the
 deeper blocks, which reproduces the deeper levels exactly.
 
-Attention goes through `kernels.attention.attention`, so the GPU gets the fast path. Under
-autocast, q / k / v are cast to the autocast dtype before that call (what autocast does inside
-SDPA anyway, so numbers are unchanged) because the dispatcher picks its kernel from the dtype.
+Attention goes through `kernels.attention.attention`, so the GPU gets the fast path; each
+attention module passes its `attention_backend` ("auto" unless a caller chose one, see
+`DA3.set_attention_backend`). Under autocast, q / k / v are cast to the autocast dtype before
+that call (what autocast does inside SDPA anyway, so numbers are unchanged) because the
+dispatcher picks its kernel from the dtype.
 """
 from __future__ import annotations
 
@@ -28,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gld.encoders.da3.config import PATCH_SIZE, DA3Config
-from kernels.attention import attention
+from kernels.attention import BACKENDS, attention
 
-__all__ = ["Level", "Block", "DA3Backbone", "rope_tables", "apply_rope", "sign_fold"]
+__all__ = ["Level", "Block", "DA3Backbone", "rope_tables", "apply_rope", "sign_fold",
+           "check_attention_backend"]
 
 
 class Level(NamedTuple):
@@ -145,14 +148,24 @@ def _attention_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, T
     return q, k, v
 
 
+def check_attention_backend(name: str) -> str:
+    """`name` if `kernels.attention.attention` accepts it as `backend=`, else a ValueError."""
+    if name not in BACKENDS:
+        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
+    return name
+
+
 class Attention(nn.Module):
     """Multi-head self-attention; optional per-head qk LayerNorm (eps 1e-5) and 2D RoPE.
 
     x (B, T, C) -> (B, T, C); rope: (cos, sign-folded sin) each (T, d) or None.
+    `attention_backend` is passed to `kernels.attention.attention` as `backend=`.
     """
 
-    def __init__(self, dim: int, heads: int, qk_norm: bool = False) -> None:
+    def __init__(self, dim: int, heads: int, qk_norm: bool = False,
+                 attention_backend: str = "auto") -> None:
         super().__init__()
+        self.attention_backend = check_attention_backend(attention_backend)
         self.heads = heads
         self.head_dim = dim // heads
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -168,7 +181,7 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        o = attention(*_attention_dtype(q, k, v))
+        o = attention(*_attention_dtype(q, k, v), backend=self.attention_backend)
         return self.proj(o.transpose(1, 2).reshape(B, T, C))
 
 
@@ -176,10 +189,10 @@ class Block(nn.Module):
     """Pre-norm ViT block with LayerScale on both branches. x (B, T, C) -> (B, T, C)."""
 
     def __init__(self, dim: int, heads: int, qk_norm: bool = False, eps: float = 1e-6,
-                 ls_init: float = 1.0, mlp_ratio: int = 4) -> None:
+                 ls_init: float = 1.0, mlp_ratio: int = 4, attention_backend: str = "auto") -> None:
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=eps)
-        self.attn = Attention(dim, heads, qk_norm)
+        self.attn = Attention(dim, heads, qk_norm, attention_backend)
         self.ls1 = LayerScale(dim, ls_init)
         self.norm2 = nn.LayerNorm(dim, eps=eps)
         self.mlp = Mlp(dim, mlp_ratio * dim)
@@ -209,10 +222,10 @@ class DA3Backbone(nn.Module):
 
     Parameters keep the official module names below `backbone.pretrained.` (our prefix is
     `backbone.`): patch_embed.proj, cls_token (1, 1, C), camera_token (1, 2, C),
-    pos_embed (1, 1 + 37*37, C), blocks.{i}, norm.
+    pos_embed (1, 1 + 37*37, C), blocks.{i}, norm. `attention_backend`: see `Attention`.
     """
 
-    def __init__(self, cfg: DA3Config) -> None:
+    def __init__(self, cfg: DA3Config, attention_backend: str = "auto") -> None:
         super().__init__()
         self.cfg = cfg
         C = cfg.dim
@@ -221,7 +234,8 @@ class DA3Backbone(nn.Module):
         self.camera_token = nn.Parameter(torch.zeros(1, 2, C))
         self.pos_embed = nn.Parameter(torch.zeros(1, 1 + cfg.pos_grid ** 2, C))
         self.blocks = nn.ModuleList(
-            Block(C, cfg.heads, qk_norm=i >= cfg.alt_start) for i in range(cfg.depth)
+            Block(C, cfg.heads, qk_norm=i >= cfg.alt_start, attention_backend=attention_backend)
+            for i in range(cfg.depth)
         )
         self.norm = nn.LayerNorm(C, eps=1e-5)
         self._rope_cache: dict = {}

@@ -112,14 +112,18 @@ class CameraEncoder(nn.Module):
     """Known cameras -> one backbone camera token per view (B, V, C) (fp32).
 
     9-d encoding -> MLP (GELU, hidden C/2) -> LayerNorm -> 4 transformer blocks over the views
-    (16 heads, LayerScale, LayerNorm eps 1e-5) -> LayerNorm.
+    (16 heads, LayerScale, LayerNorm eps 1e-5) -> LayerNorm. `attention_backend`: see
+    `gld.encoders.da3.backbone.Attention`.
     """
 
-    def __init__(self, dim: int, heads: int = 16, depth: int = 4) -> None:
+    def __init__(self, dim: int, heads: int = 16, depth: int = 4,
+                 attention_backend: str = "auto") -> None:
         super().__init__()
         self.pose_branch = Mlp(9, dim // 2, dim)
         self.token_norm = nn.LayerNorm(dim)
-        self.trunk = nn.Sequential(*(Block(dim, heads, eps=1e-5, ls_init=0.01) for _ in range(depth)))
+        self.trunk = nn.Sequential(*(
+            Block(dim, heads, eps=1e-5, ls_init=0.01, attention_backend=attention_backend)
+            for _ in range(depth)))
         self.trunk_norm = nn.LayerNorm(dim)
 
     def forward(self, w2c: Tensor, K: Tensor, image_size: tuple[int, int]) -> Tensor:

@@ -1,6 +1,6 @@
 """DA3: the frozen geometric encoder whose four feature levels are GLD's latent space.
 
-    model = DA3.from_pretrained("DA3-BASE/")             # folder or file; variant from config.json
+    model = DA3("da3-base")                               # or gld.checkpoints.da3.load_da3(path)
     levels = model.encode(images)                         # images (B, V, 3, H, W) in [0, 1]
     deeper = model.propagate(levels[1], from_level=1)     # == levels[2:], exactly
     geo = model.geometry(levels, images.shape[-2:])       # depth, poses, intrinsics, rays
@@ -9,16 +9,17 @@ Precision: the backbone runs under bf16 autocast on CUDA (`amp="auto"`; fp32 on 
 and camera modules in fp32, as the official API does. The model is frozen (no parameter requires
 grad), in eval mode, and its entry points run without autograd (`torch.no_grad`, not inference
 mode, so outputs can feed a trained network). Training and eval mode compute the same thing.
+Attention runs through `kernels.attention.attention` with the backend the model was given
+(`attention_backend`, default "auto"; `set_attention_backend` changes it on every block).
 """
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
 
-from gld.encoders.da3.backbone import DA3Backbone, Level
+from gld.encoders.da3.backbone import Attention, DA3Backbone, Level, check_attention_backend
 from gld.encoders.da3.camera import (
     CameraDecoder, CameraEncoder, normalize_extrinsics, pose_encoding_to_cameras,
 )
@@ -35,40 +36,42 @@ AmpArg = Union[str, None, torch.dtype]
 class DA3(nn.Module):
     """Depth Anything 3 (Small / Base / Large), weight-compatible with the published files.
 
-    Submodules (state-dict prefixes): backbone, head (DualDPT), cam_dec, cam_enc. The official
-    key of a parameter is "model." + ours, with "backbone." spelled "backbone.pretrained."
-    (`gld.checkpoints.da3` does the mapping).
+    Submodules (state-dict prefixes): backbone, head (DualDPT), cam_dec, cam_enc, named as in
+    the official network so that published weights map by name (`gld.checkpoints.da3`).
+    `attention_backend`: what every attention call passes to `kernels.attention.attention` as
+    `backend=` ("auto", "reference", "sdpa", ...; checked here).
     """
 
-    def __init__(self, config: Union[DA3Config, str] = "da3-base", frozen: bool = True) -> None:
+    def __init__(self, config: Union[DA3Config, str] = "da3-base", frozen: bool = True,
+                 attention_backend: str = "auto") -> None:
         super().__init__()
         cfg = resolve_variant(config) if isinstance(config, str) else config
         self.config = cfg
-        self.backbone = DA3Backbone(cfg)
+        self.backbone = DA3Backbone(cfg, attention_backend)
         self.head = DualDPT(2 * cfg.dim, cfg.dpt_features, cfg.dpt_channels)
         self.cam_dec = CameraDecoder(2 * cfg.dim)
-        self.cam_enc = CameraEncoder(cfg.dim, cfg.cam_enc_heads, cfg.cam_enc_depth)
+        self.cam_enc = CameraEncoder(cfg.dim, cfg.cam_enc_heads, cfg.cam_enc_depth,
+                                     attention_backend)
         self.register_buffer("pixel_mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1), persistent=False)
         self.register_buffer("pixel_std", torch.tensor(IMAGENET_STD).view(3, 1, 1), persistent=False)
-        self.load_report = None  # set by from_pretrained
         if frozen:
             self.requires_grad_(False)
             self.eval()
 
-    # -- loading -------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, path: Union[str, Path], variant: Optional[str] = None,
-                        strict: bool = True, device: Union[str, torch.device] = "cpu") -> "DA3":
-        """Load published weights: a `model.safetensors` (or .pt/.pth) file, or its folder.
+    # -- attention backend ---------------------------------------------------------------------
+    @property
+    def attention_backend(self) -> str:
+        """The backend every attention call of this model passes to `kernels.attention`."""
+        return next(m for m in self.modules() if isinstance(m, Attention)).attention_backend
 
-        The variant comes from `variant`, else from a `config.json` beside the weights, else from
-        the weights' shapes. Missing / unexpected keys raise `CheckpointError` listing them by
-        name (`strict=False`: a warning, and `model.load_report` lists them); a shape mismatch
-        always raises, naming the key and both shapes. See `gld.checkpoints.da3`.
-        """
-        from gld.checkpoints.da3 import load_da3  # the file formats live in gld.checkpoints
-
-        return load_da3(path, variant=variant, strict=strict, device=device)
+    def set_attention_backend(self, name: str) -> "DA3":
+        """Use attention backend `name` in every block (backbone and camera encoder); returns
+        the model. No global state: other models keep their own choice."""
+        check_attention_backend(name)
+        for m in self.modules():
+            if isinstance(m, Attention):
+                m.attention_backend = name
+        return self
 
     # -- helpers -------------------------------------------------------------------------------
     @staticmethod
