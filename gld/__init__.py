@@ -1,6 +1,8 @@
-"""Geometric Latent Diffusion at scale: the library.
+"""Geometric Latent Diffusion at scale: the library (README.md "Layout" maps it).
 
-Subpackages: `config` (typed config tree), `geometry` (pure camera functions); later ones
-(encoders, models, diffusion, data, train, eval) are listed in README.md.
+Modules and subpackages: `config` / `configtypes` (the typed config tree composed from each
+component's section), `geometry` (pure camera functions), `encoders` (DA3, the frozen geometric
+encoder), `checkpoints` (reading published files into the modules), `data` (schema, synthetic
+world, format converters, shards, streaming), `diffusion` (flow matching, samplers).
 """
 __version__ = "0.1.0"

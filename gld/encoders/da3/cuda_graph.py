@@ -1,9 +1,10 @@
 """Replay a frozen encoder call as one CUDA graph (removes the per-kernel launch cost).
 
 The DA3 encoder at GLD's sizes is partly bound by launching ~30 kernels per block from Python
-(docs/gpu.md: the official package takes about as long at 280 as at 504). Its inputs have a few
-fixed shapes (one per training resolution), it holds no data-dependent control flow once its
-RoPE tables are cached, and it needs no autograd: the conditions for graph capture.
+(launch/results/da3_encode_h100_2026-11-24.md: eager, Small and Base take about as long at
+280x504 as at 504x504; graph replay removes that). Its inputs have a few fixed shapes (one per
+training resolution), it holds no data-dependent control flow once its RoPE tables are cached,
+and it needs no autograd: the conditions for graph capture.
 
     encode = GraphedCall(lambda x: model.encode(x), example_images)
     levels = encode(images)       # same shape / dtype / device as example_images
