@@ -191,17 +191,42 @@ def test_umeyama_never_returns_a_reflection(rng):
     assert torch.linalg.det(R) > 0
 
 
-def test_check_rigid_names_the_bad_pose(rng):
-    c2w = random_c2w(4, rng)
-    G.check_rigid(c2w)
+def test_check_cameras_names_the_first_bad_camera_and_why(rng):
+    c2w = random_c2w(6, rng).reshape(2, 3, 4, 4)  # batched over any leading dimensions
+    K = random_K(6, 32, 48, rng).reshape(2, 3, 3, 3)
+    G.check_cameras(c2w, K, (32, 48))
+    G.check_cameras(c2w.numpy(), K.numpy(), [[(32, 48)] * 3] * 2)  # arrays, one size per camera
+    G.check_cameras(c2w)  # poses alone
+
+    def refused(pattern, c2w=c2w, K=K, name="camera"):
+        with pytest.raises(G.CameraError, match=pattern) as e:
+            G.check_cameras(c2w, K, (32, 48), name=name)
+        return e.value
+
     bad = c2w.clone()
-    bad[2, :3, :3] *= 2
-    with pytest.raises(ValueError, match=r"pose\[2\]: not a rigid transform"):
-        G.check_rigid(bad)
+    bad[1, 1, :3, :3] *= 2
+    err = refused(r"camera\[4\]: camera-to-world pose is not rigid \(\|R\^T R - I\|max=3, det R=8",
+                  c2w=bad)
+    assert err.index == 4 and err.what.startswith("camera-to-world pose is not rigid")
     nan = c2w.clone()
-    nan[1, 0, 3] = float("nan")
-    with pytest.raises(ValueError, match=r"cams\[1\]: non-finite"):
-        G.check_rigid(nan, name="cams")
+    nan[0, 1, 0, 3] = float("nan")
+    refused(r"cams\[1\]: non-finite camera-to-world pose", c2w=nan, name="cams")
+    skew = K.clone()
+    skew[0, 2, 0, 1] = 0.5
+    refused(r"camera\[2\]: intrinsics must be \[\[fx,0,cx\],\[0,fy,cy\],\[0,0,1\]\]", K=skew)
+    normalised = K / torch.tensor([[48.0], [32.0], [1.0]], dtype=K.dtype)
+    refused(r"camera\[0\]: focal lengths fx=.* are not pixels of a 48x32 image .*normalised",
+            K=normalised)
+    negative = K.clone()
+    negative[1, 0, 1, 1] *= -1
+    refused(r"camera\[3\]: non-positive focal length", K=negative)
+    outside = K.clone()
+    outside[0, 0, 0, 2] = 49.0
+    refused(r"camera\[0\]: principal point \(49, .*\) lies outside the 48x32 image", K=outside)
+    with pytest.raises(G.CameraError, match=r"expected K \(\.\.\., 3, 3\) and c2w"):
+        G.check_cameras(c2w, K[0], (32, 48))
+    with pytest.raises(G.CameraError, match=r"image sizes \(4, 2\) do not match"):
+        G.check_cameras(c2w, K, [(32, 48)] * 4)
 
 
 def test_shape_errors():

@@ -11,16 +11,18 @@ it by the streaming reader. Conventions, fixed for every stored dataset:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from typing import Optional
 
-import json
-
 import numpy as np
+
+from gld.geometry.cameras import CameraError
+from gld.geometry.cameras import check_cameras as geometry_check_cameras
 
 __all__ = [
     "Frame", "Sequence", "DatasetMeta", "SCHEMA_VERSION", "CONVENTIONS", "META_FILE",
-    "DataError", "check_cameras", "image_format_of",
+    "DataError", "check_cameras", "sequence_cameras", "image_format_of",
 ]
 
 META_FILE = "gld_meta.json"  # written last: its presence means the dataset is complete
@@ -48,56 +50,22 @@ def image_format_of(data: bytes) -> str:
     return "unknown"
 
 
-def check_cameras(K: np.ndarray, c2w: np.ndarray, sizes: list, where: str = "",
-                  atol: float = 1e-3) -> None:
-    """Raise DataError unless every frame has sane pixel intrinsics and a finite rigid pose.
+def check_cameras(K: np.ndarray, c2w: np.ndarray, sizes: list, where: str = "") -> None:
+    """`gld.geometry.check_cameras` for stored frames: K (N, 3, 3), c2w (N, 4, 4), sizes
+    [(H, W)] * N; a DataError prefixed by `where` (e.g. "shard-000003.tar record 7 (scene abc)")
+    names the first bad frame and what is wrong with it."""
+    try:
+        geometry_check_cameras(c2w, K, sizes)
+    except CameraError as e:
+        pre = f"{where}: " if where else ""
+        frame = f"frame {e.index}: " if e.index is not None else ""
+        raise DataError(f"{pre}{frame}{e.what}") from None
 
-    K (N, 3, 3), c2w (N, 4, 4), sizes [(H, W)] * N. Intrinsics must be finite, zero-skew,
-    bottom row [0, 0, 1], fx, fy >= 0.05 W (a field of view below ~169 degrees: smaller values
-    usually mean intrinsics normalised by the image size) and the principal point inside the
-    image. `where` prefixes the message (e.g. "shard-000003.tar sample 7 (scene abc)").
-    """
-    pre = f"{where}: " if where else ""
-    n = len(sizes)
-    if K.shape != (n, 3, 3) or c2w.shape != (n, 4, 4):
-        raise DataError(f"{pre}expected K (N, 3, 3) and c2w (N, 4, 4) for N={n} frames, got "
-                        f"K {K.shape}, c2w {c2w.shape}")
-    hw = np.asarray(sizes, np.float64).reshape(n, 2)
-    h, w = hw[:, 0], hw[:, 1]
-    fx, fy, cx, cy = K[:, 0, 0], K[:, 1, 1], K[:, 0, 2], K[:, 1, 2]
-    with np.errstate(invalid="ignore"):
-        k_finite = np.isfinite(K).all((1, 2))
-        k_form = (K[:, 2] == (0, 0, 1)).all(1) & (K[:, 0, 1] == 0) & (K[:, 1, 0] == 0)
-        k_focal = (fx >= 0.05 * w) & (fy >= 0.05 * h)
-        k_pp = (cx >= 0) & (cx <= w) & (cy >= 0) & (cy <= h)
-        t_finite = np.isfinite(c2w).all((1, 2))
-        R = np.where(t_finite[:, None, None], c2w[:, :3, :3], 0.0)
-        orth = np.abs(R.transpose(0, 2, 1) @ R - np.eye(3)).max((1, 2))
-        det = np.linalg.det(R)
-        bottom = np.abs(c2w[:, 3] - (0, 0, 0, 1)).max(1)
-        rigid = (orth <= atol) & (np.abs(det - 1) <= atol) & (bottom <= atol)
-    ok = k_finite & k_form & k_focal & k_pp & t_finite & rigid
-    if ok.all():
-        return
-    i = int(np.flatnonzero(~ok)[0])
-    k, T = K[i], c2w[i]
-    if not k_finite[i]:
-        raise DataError(f"{pre}frame {i}: non-finite intrinsics {k.tolist()}")
-    if not k_form[i]:
-        raise DataError(f"{pre}frame {i}: intrinsics must be [[fx,0,cx],[0,fy,cy],[0,0,1]], "
-                        f"got {k.tolist()}")
-    if not k_focal[i]:
-        raise DataError(f"{pre}frame {i}: focal lengths fx={fx[i]:.4g}, fy={fy[i]:.4g} are not "
-                        f"pixels of a {w[i]:.0f}x{h[i]:.0f} image (expected >= 0.05 x size; "
-                        f"normalised intrinsics?)")
-    if not k_pp[i]:
-        raise DataError(f"{pre}frame {i}: principal point ({cx[i]:.4g}, {cy[i]:.4g}) lies "
-                        f"outside the {w[i]:.0f}x{h[i]:.0f} image")
-    if not t_finite[i]:
-        raise DataError(f"{pre}frame {i}: non-finite camera-to-world pose {T.tolist()}")
-    raise DataError(f"{pre}frame {i}: camera-to-world pose is not rigid "
-                    f"(|R^T R - I|max={orth[i]:.3g}, det R={det[i]:.4f}, last row "
-                    f"{T[3].tolist()})")
+
+def sequence_cameras(seq: "Sequence") -> tuple[np.ndarray, np.ndarray]:
+    """(K (N, 3, 3), c2w (N, 4, 4)) float64 of a sequence's frames."""
+    return (np.stack([np.asarray(f.K, np.float64) for f in seq.frames]),
+            np.stack([np.asarray(f.c2w, np.float64) for f in seq.frames]))
 
 
 @dataclass

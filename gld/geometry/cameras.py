@@ -7,13 +7,16 @@ leading dimensions (written `...`) and keeps the input dtype.
 """
 from __future__ import annotations
 
+from typing import Optional
+
+import numpy as np
 import torch
 from torch import Tensor
 
 __all__ = [
     "rigid_inverse", "c2w_to_w2c", "w2c_to_c2w", "opencv_to_opengl", "opengl_to_opencv",
     "normalize_intrinsics", "denormalize_intrinsics", "resize_intrinsics", "crop_intrinsics",
-    "make_intrinsics", "to_homogeneous", "check_rigid",
+    "make_intrinsics", "to_homogeneous", "check_cameras", "CameraError",
 ]
 
 _FLIP_YZ = (1.0, -1.0, -1.0, 1.0)
@@ -113,24 +116,78 @@ def crop_intrinsics(K: Tensor, top: int, left: int) -> Tensor:
     return out
 
 
-def check_rigid(T: Tensor, name: str = "pose", atol: float = 1e-3) -> None:
-    """Raise ValueError naming `name` and the first bad index unless T (..., 4, 4) is a finite
-    rigid transform (orthonormal rotation with det +1, last row [0, 0, 0, 1])."""
-    _check_mat(T, 4, name)
-    flat = T.reshape(-1, 4, 4).double()
-    finite = torch.isfinite(flat).flatten(1).all(1)
-    if not bool(finite.all()):
-        i = int((~finite).nonzero()[0])
-        raise ValueError(f"{name}[{i}]: non-finite values in the pose matrix")
-    R = flat[:, :3, :3]
-    eye = torch.eye(3, dtype=R.dtype)
-    orth_err = (R.transpose(-1, -2) @ R - eye).abs().flatten(1).amax(1)
-    det = torch.linalg.det(R)
-    bottom_err = (flat[:, 3] - flat.new_tensor([0, 0, 0, 1])).abs().amax(1)
-    bad = (orth_err > atol) | ((det - 1).abs() > atol) | (bottom_err > atol)
-    if bool(bad.any()):
-        i = int(bad.nonzero()[0])
-        raise ValueError(
-            f"{name}[{i}]: not a rigid transform (|R^T R - I|max={orth_err[i]:.3g}, "
-            f"det R={det[i]:.4f}, last row={flat[i, 3].tolist()})"
-        )
+class CameraError(ValueError):
+    """A camera refused by `check_cameras`. `index`: the first bad camera (flat over the leading
+    dimensions; None for a shape error); `what`: what is wrong with it."""
+
+    def __init__(self, what: str, index: Optional[int] = None, name: str = "camera"):
+        super().__init__(f"{name}[{index}]: {what}" if index is not None else f"{name}: {what}")
+        self.what, self.index = what, index
+
+
+def check_cameras(c2w, K=None, sizes=None, *, name: str = "camera", atol: float = 1e-3) -> None:
+    """Raise `CameraError` for the first camera that is not a valid pinhole camera.
+
+    c2w (..., 4, 4) camera-to-world: finite and rigid (|R^T R - I| <= atol, |det R - 1| <= atol,
+    last row [0, 0, 0, 1] to atol). With K (..., 3, 3) and sizes (..., 2) of (H, W) (or one
+    (H, W) for all): K finite, exactly [[fx, 0, cx], [0, fy, cy], [0, 0, 1]], fx, fy > 0,
+    fx >= 0.05 W and fy >= 0.05 H (a field of view below ~169 degrees: smaller values usually
+    mean intrinsics normalised by the image size instead of pixels), the principal point inside
+    [0, W] x [0, H]. Arrays or tensors; checked in float64 on the CPU.
+    """
+    T = _f64(c2w)
+    Kf = None if K is None else _f64(K)
+    lead = T.shape[:-2]
+    if T.shape[-2:] != (4, 4) or (Kf is not None and Kf.shape != lead + (3, 3)):
+        got = f"K {tuple(Kf.shape)}, " if Kf is not None else ""
+        raise CameraError(f"expected K (..., 3, 3) and c2w (..., 4, 4) with the same leading "
+                          f"dimensions, got {got}c2w {tuple(T.shape)}", name=name)
+    T = T.reshape(-1, 4, 4)
+    checks = []  # (ok per camera, message for camera i), in the order they are reported
+    if Kf is not None:
+        Kf = Kf.reshape(-1, 3, 3)
+        try:
+            h, w = np.broadcast_to(np.asarray(sizes, np.float64), lead + (2,)).reshape(-1, 2).T
+        except ValueError:
+            raise CameraError(f"image sizes {np.shape(sizes)} do not match the cameras "
+                              f"{tuple(lead)}: expected (H, W) per camera", name=name) from None
+        fx, fy, cx, cy = Kf[:, 0, 0], Kf[:, 1, 1], Kf[:, 0, 2], Kf[:, 1, 2]
+        with np.errstate(invalid="ignore"):
+            checks += [
+                (np.isfinite(Kf).all((1, 2)), lambda i: f"non-finite intrinsics {Kf[i].tolist()}"),
+                ((Kf[:, 2] == (0, 0, 1)).all(1) & (Kf[:, 0, 1] == 0) & (Kf[:, 1, 0] == 0),
+                 lambda i: f"intrinsics must be [[fx,0,cx],[0,fy,cy],[0,0,1]], got "
+                           f"{Kf[i].tolist()}"),
+                ((fx > 0) & (fy > 0),
+                 lambda i: f"non-positive focal length fx={fx[i]:.6g}, fy={fy[i]:.6g}"),
+                ((fx >= 0.05 * w) & (fy >= 0.05 * h),
+                 lambda i: f"focal lengths fx={fx[i]:.4g}, fy={fy[i]:.4g} are not pixels of a "
+                           f"{w[i]:.0f}x{h[i]:.0f} image (expected >= 0.05 x size; normalised "
+                           f"intrinsics?)"),
+                ((cx >= 0) & (cx <= w) & (cy >= 0) & (cy <= h),
+                 lambda i: f"principal point ({cx[i]:.4g}, {cy[i]:.4g}) lies outside the "
+                           f"{w[i]:.0f}x{h[i]:.0f} image"),
+            ]
+    finite = np.isfinite(T).all((1, 2))
+    R = np.where(finite[:, None, None], T[:, :3, :3], 0.0)
+    orth = np.abs(R.transpose(0, 2, 1) @ R - np.eye(3)).max((1, 2))
+    det = np.linalg.det(R)
+    bottom = np.abs(T[:, 3] - (0, 0, 0, 1)).max(1)
+    checks += [
+        (finite, lambda i: f"non-finite camera-to-world pose {T[i].tolist()}"),
+        ((orth <= atol) & (np.abs(det - 1) <= atol) & (bottom <= atol),
+         lambda i: f"camera-to-world pose is not rigid (|R^T R - I|max={orth[i]:.3g}, "
+                   f"det R={det[i]:.4f}, last row {T[i, 3].tolist()})"),
+    ]
+    ok = np.logical_and.reduce([c for c, _ in checks])
+    if ok.all():
+        return
+    i = int(np.flatnonzero(~ok)[0])
+    message = next(m for c, m in checks if not c[i])
+    raise CameraError(message(i), i, name)
+
+
+def _f64(x) -> np.ndarray:
+    if isinstance(x, Tensor):
+        x = x.detach().cpu().double().numpy()
+    return np.asarray(x, dtype=np.float64)

@@ -21,6 +21,7 @@ import numpy as np
 from PIL import Image
 
 from gld.data.schema import DataError, Frame, Sequence
+from gld.geometry.cameras import CameraError, check_cameras
 
 __all__ = [
     "BadSample", "Problems", "Reader", "check_camera", "check_image", "make_frame",
@@ -161,39 +162,18 @@ def decode_rgb(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
-def check_camera(K: np.ndarray, c2w: np.ndarray, size: tuple[int, int], where: str,
-                 atol: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
-    """Validate one frame's camera; returns float64 copies (K (3, 3) pixels, c2w (4, 4))."""
-    K = np.asarray(K, dtype=np.float64)
-    c2w = np.asarray(c2w, dtype=np.float64)
-    h, w = size
-    if K.shape != (3, 3):
-        raise BadSample(where, f"intrinsics must be 3x3, got shape {K.shape}")
+def check_camera(K: np.ndarray, c2w: np.ndarray, size: tuple[int, int],
+                 where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Validate one frame's camera (`gld.geometry.check_cameras`; a (3, 4) pose gains its last
+    row); returns float64 copies (K (3, 3) pixels, c2w (4, 4))."""
+    K = np.array(K, dtype=np.float64)
+    c2w = np.array(c2w, dtype=np.float64)
     if c2w.shape == (3, 4):
         c2w = np.concatenate([c2w, [[0, 0, 0, 1]]], axis=0)
-    if c2w.shape != (4, 4):
-        raise BadSample(where, f"pose must be 4x4 (or 3x4), got shape {c2w.shape}")
-    if not np.isfinite(K).all():
-        raise BadSample(where, f"non-finite intrinsics {K.tolist()}")
-    if K[0, 1] != 0 or K[1, 0] != 0 or not np.array_equal(K[2], [0, 0, 1]):
-        raise BadSample(where, f"intrinsics must be [[fx,0,cx],[0,fy,cy],[0,0,1]], got {K.tolist()}")
-    fx, fy, cx, cy = K[0, 0], K[1, 1], K[0, 2], K[1, 2]
-    if not (fx > 0 and fy > 0):
-        raise BadSample(where, f"non-positive focal length fx={fx:.6g}, fy={fy:.6g}")
-    if fx < 0.05 * w or fy < 0.05 * h:
-        raise BadSample(where, f"focal lengths fx={fx:.4g}, fy={fy:.4g} are too small for a "
-                        f"{w}x{h} image (intrinsics normalised instead of pixels?)")
-    if not (0 <= cx <= w and 0 <= cy <= h):
-        raise BadSample(where, f"principal point ({cx:.4g}, {cy:.4g}) outside the {w}x{h} image")
-    if not np.isfinite(c2w).all():
-        raise BadSample(where, f"non-finite pose {c2w.tolist()}")
-    R = c2w[:3, :3]
-    orth = float(np.abs(R.T @ R - np.eye(3)).max())
-    det = float(np.linalg.det(R))
-    bottom = float(np.abs(c2w[3] - (0, 0, 0, 1)).max())
-    if orth > atol or abs(det - 1) > atol or bottom > atol:
-        raise BadSample(where, f"pose is not rigid (|R^T R - I|max={orth:.3g}, det R={det:.4f}, "
-                        f"last row {c2w[3].tolist()})")
+    try:
+        check_cameras(c2w, K, size)
+    except CameraError as e:
+        raise BadSample(where, e.what) from None
     return K, c2w
 
 
