@@ -93,7 +93,7 @@ def run_ranks(cfg: dict, world: int, resume_after=None, epochs=1) -> list[dict]:
 def in_process_rank(cfg: dict, rank: int, world: int, resume_after=None, epochs=1) -> dict:
     """Same as run_rank for backends that take the rank as an argument (synthetic, wds)."""
     from tests.data_rank import digest
-    from gld.config import DataConfig
+    from gld.data.config import DataConfig
     from gld.configtypes import from_dict
     from gld.data.streaming import build_loader
 

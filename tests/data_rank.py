@@ -29,7 +29,7 @@ def main(args: dict) -> dict:
 
     dist.init_process_group("gloo", rank=args["rank"], world_size=args["world"])
 
-    from gld.config import DataConfig
+    from gld.data.config import DataConfig
     from gld.configtypes import from_dict
     from gld.data.streaming import build_loader
 

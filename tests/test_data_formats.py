@@ -1,12 +1,12 @@
 """Round trips: synthetic-world fixtures in every supported format -> prepare_data (convert) ->
-shards -> read back with gld.data.writers.read_sequences: cameras equal to 1e-6 (K compared
+shards -> read back with gld.data.readers.read_sequences: cameras equal to 1e-6 (K compared
 normalised by the image size), pixels equal, source image bytes passed through unchanged
 (PNG and JPEG alike: no re-encoding), depth equal where the format has it."""
 import numpy as np
 import pytest
 
 from gld.data.formats import convert
-from gld.data.writers import read_sequences
+from gld.data.readers import read_sequences
 from tests import data_fixtures as fx
 
 SIZE = (48, 64)  # (H, W)

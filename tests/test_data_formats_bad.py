@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from gld.data.formats import BadSample, convert
-from gld.data.writers import read_meta, read_sequences
+from gld.data.readers import read_meta, read_sequences
 from tests import data_fixtures as fx
 
 SIZE = (32, 40)

@@ -13,7 +13,7 @@ from gld.data.formats.hypersim import (
     default_intrinsics, distance_to_planar, intrinsics_from_cam_from_uv,
 )
 from gld.data.formats.undistort import distort_points, undistort_points
-from gld.data.writers import read_sequences
+from gld.data.readers import read_sequences
 from tests import data_fixtures as fx
 
 DIST = {"k1": -0.12, "k2": 0.03, "p1": 0.002, "p2": -0.0015}

@@ -4,11 +4,12 @@ data gets an error naming the shard and the record (or is skipped and counted)."
 import numpy as np
 import pytest
 
-from gld.config import DataConfig
 from gld.data import s3
+from gld.data.config import DataConfig
+from gld.data.readers import read_meta, read_sequences
 from gld.data.schema import DataError, DatasetMeta
 from gld.data.streaming import build_dataset, build_loader
-from gld.data.writers import read_meta, read_sequences, write_dataset
+from gld.data.writers import write_dataset
 from tests.data_helpers import (NUM_RECORDS, cfg_dict, check_exactly_once, check_resume,
                                 run_ranks, tiny_sequences)
 from tests.s3_server import s3_server  # noqa: F401  (session fixture)
@@ -45,7 +46,7 @@ def test_mds_forked_workers_download_through_their_own_connections(s3_shards, tm
 
     cfg = DataConfig(**cfg_dict("mds", [s3_shards["mds"]], num_workers=0,
                                 cache_dir=str(tmp_path / "cache")))
-    records = build_dataset(cfg).records
+    records = build_dataset(cfg).source.records
     stream = records.streams[0]
     assert getattr(stream._downloader, "_s3_client", None) is not None  # index.json came here
 

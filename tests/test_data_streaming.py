@@ -4,7 +4,7 @@ continues exactly, batches have the documented shapes."""
 import pytest
 import torch
 
-from gld.config import DataConfig, EvalConfig
+from gld.data.config import DataConfig, EvalDataConfig
 from gld.data.schema import DatasetMeta
 from gld.data.streaming import build_loader
 from gld.data.views import resize_crop_size
@@ -74,12 +74,11 @@ def test_break_and_continue_and_eval_split(local_shards):
             break
     got += [b["sample_id"].tolist() for b in loader]  # continues, does not restart
     assert got == full and loader.state_dict()["epoch"] == 1
-    ev = build_loader(cfg, split="eval", eval_cfg=EvalConfig(num_views=3, num_sources=1,
-                                                             resolution=(14, 28)))
+    cfg.eval = EvalDataConfig(num_views=3, num_sources=1, resolution=(14, 28))
+    ev = build_loader(cfg, split="eval")
     a = [b["sample_id"].tolist() for b in ev]
     assert sorted(sum(a, [])) == list(range(NUM_RECORDS)) and a[0] == [0, 1]  # no shuffle
-    b = next(iter(build_loader(cfg, split="eval", eval_cfg=EvalConfig(
-        num_views=3, num_sources=1, resolution=(14, 28)))))
+    b = next(iter(build_loader(cfg, split="eval")))
     assert b["images"].shape[-2:] == (14, 28) and b["source_mask"][:, 0].all()
 
 
@@ -94,12 +93,13 @@ def test_resume_refuses_a_different_setup(local_shards):
 def test_data_config_validation():
     from gld.config import ConfigError, load_config
 
-    with pytest.raises(ConfigError, match="data.weights: mixing proportions need data.source='mds'"):
+    with pytest.raises(ConfigError,
+                       match="data.weights: mixing proportions need data.source='mds'"):
         load_config(None, ["--data.source=wds", "--data.paths=[a, b]", "--data.weights=[1, 2]"])
     with pytest.raises(ConfigError, match=r"data.paths\[0\]: S3 bucket names need at least 3"):
         load_config(None, ["--data.source=mds", "--data.paths=['s3://ab/x']"])
     cfg = load_config(None, ["--data.load_depth=true", "--data.cache_dir=/tmp/c"])
-    assert cfg.data.load_depth and cfg.data.cache_dir == "/tmp/c" and cfg.data.eval_paths == []
+    assert cfg.data.load_depth and cfg.data.cache_dir == "/tmp/c" and cfg.data.eval.paths == []
 
 
 def test_mds_mixture_by_weights(local_shards, tmp_path):

@@ -7,7 +7,8 @@ import pytest
 
 from gld.data.schema import META_FILE, DataError, DatasetMeta
 from gld.data.synthetic import synthetic_sequence
-from gld.data.writers import chunk_sequence, read_meta, read_sequences, write_dataset
+from gld.data.readers import read_meta, read_sequences
+from gld.data.writers import chunk_sequence, write_dataset
 
 
 def _seqs(n=3, frames=5, fmt="png"):

@@ -1,5 +1,5 @@
-"""Streaming multi-view batches from MDS (mosaicml-streaming), tar shards (webdataset) or the
-synthetic world, with a disjoint share per rank and worker and sample-exact resumption.
+"""Multi-view batches for the trainer, from any record source, with a disjoint share per rank
+and worker and sample-exact resumption.
 
 What the trainer calls:
     loader = build_loader(cfg.data, split="train")        # rank / world from torch.distributed
@@ -19,51 +19,40 @@ A batch (dict), B = cfg.data.batch_size, one resolution (H, W) per batch:
     epoch, step   int: the step within the epoch (the same on every rank)
     num_skipped   int: bad samples replaced in this batch (cfg.data.skip_bad)
 
+Records come through one interface (gld/data/sources/): the synthetic world, tar shards or MDS
+shards, each with its own partition over ranks and workers (see its module). The stream itself
+only draws the views, batches (one resolution per batch) and skips bad samples.
+
 Determinism: the order of records in an epoch depends on (seed, epoch); views on (seed, epoch,
 record); the resolution of a batch on (seed, epoch, step), so all ranks agree without talking.
 Step k of a rank comes from DataLoader worker (k - k0) mod W where k0 is the step the iterator
 started at (torch's round robin); each worker builds its whole batches.
 
-Partition, per epoch:
-- mds: mosaicml-streaming's own (samples split across nodes, ranks, workers; its
-  `state_dict` / `load_state_dict` give the mid-epoch resume). Samples padded by streaming when
-  the count does not divide evenly.
-- wds: shards (shuffled by seed + epoch) go round robin to the R x W (rank, worker) slots;
-  records within a shard are permuted; every slot yields the same number of batches
-  (the smallest slot's), the surplus records of bigger slots are left out of that epoch
-  (`dropped_per_epoch`). Resume skips whole shards by their stored counts.
-  Memory: one shard per worker (shards are read whole to permute them).
-- synthetic: records `0..synthetic_scenes-1` permuted by seed + epoch; step k of rank r takes
-  positions [k B R + r B, k B R + (r + 1) B).
-
 Bad data raises `DataError` naming shard, record, scene and frame; with `skip_bad` such
 samples are replaced by an earlier good sample of the same worker and counted (batches keep
-their size so ranks stay in step). Shard-level failures of MDS (missing object, truncated
-file) always raise: mosaicml-streaming downloads in background threads.
+their size so ranks stay in step).
 """
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
-import tempfile
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
-import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from gld.data import records, s3
-from gld.data.schema import DataError, Sequence, check_cameras
-from gld.data.views import ViewSpec, collate, make_sample, select_views, view_rng
-from gld.data.writers import iter_tar_records, read_meta, seq_c2w, seq_K
+from gld.data import s3
+from gld.data.config import DataConfig
+from gld.data.schema import DataError
+from gld.data.sources.base import Item, RecordSource
+from gld.data.views import ViewSpec, collate, select_views, view_rng
 
-__all__ = ["MultiViewStream", "MultiViewLoader", "build_dataset", "build_loader",
+__all__ = ["MultiViewStream", "MultiViewLoader", "build_dataset", "build_loader", "open_source",
            "rank_and_world", "resolution_for_step"]
 
 log = logging.getLogger(__name__)
 
-Item = tuple[int, str, Callable[[], Sequence]]  # (sample id, where, load -> Sequence)
+SPLITS = ("train", "eval")
 
 
 def rank_and_world() -> tuple[int, int]:
@@ -86,68 +75,67 @@ def resolution_for_step(resolutions, seed: int, epoch: int, step: int) -> tuple[
     return tuple(resolutions[int(rng.integers(len(resolutions)))])
 
 
+def open_source(cfg: DataConfig, split: str, rank: int, world_size: int) -> RecordSource:
+    """The record source of `cfg.source` for `split` and this rank."""
+    kw = dict(batch_size=cfg.batch_size, rank=rank, world_size=world_size,
+              num_workers=cfg.num_workers, seed=cfg.seed, shuffle=cfg.shuffle and split == "train")
+    if cfg.source == "synthetic":
+        from gld.data.sources.synthetic import SyntheticSource
+
+        return SyntheticSource(cfg.synthetic_scenes, cfg.view_window, **kw)
+    paths = cfg.split_paths(split)
+    if cfg.source == "wds":
+        from gld.data.sources.wds import WdsSource
+
+        return WdsSource(paths, cfg.s3_endpoint, skip_bad=cfg.skip_bad, **kw)
+    if cfg.source == "mds":
+        from gld.data.sources.mds import MDSSource  # mosaicml-streaming: seconds to import
+
+        return MDSSource(paths, cfg.weights, cfg.s3_endpoint, cfg.cache_dir, **kw)
+    raise ValueError(f"data.source must be synthetic, mds or wds, got {cfg.source!r}")
+
+
 class MultiViewStream(IterableDataset):
-    """Iterable of whole batches (see module docstring); the DataLoader uses batch_size=None.
+    """Iterable of whole batches of `split` ("train": random views, shuffled; "eval": the
+    fixed views of cfg.eval, its paths if set, no shuffle); the DataLoader uses
+    batch_size=None. Call `set_position(epoch, step)` before iterating (the loader does).
+    rank / world_size default to `rank_and_world()`."""
 
-    source: "synthetic" | "mds" | "wds". Call `set_position(epoch, step)` before iterating
-    (the loader does).
-    """
+    def __init__(self, cfg: DataConfig, split: str = "train", rank: Optional[int] = None,
+                 world_size: Optional[int] = None):
+        if split not in SPLITS:
+            raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
+        cfg.validate()
+        if rank is None or world_size is None:
+            r, w = rank_and_world()
+            rank = r if rank is None else rank
+            world_size = w if world_size is None else world_size
+        s3.configure_endpoint(cfg.s3_endpoint)  # before any worker starts (mosaicml-streaming)
+        self.spec = ViewSpec.from_config(cfg, split)
+        self.resolutions = cfg.split_resolutions(split)
+        self.batch_size, self.skip_bad, self.num_workers = (cfg.batch_size, cfg.skip_bad,
+                                                            cfg.num_workers)
+        self.seed = cfg.seed
+        self.source = open_source(cfg, split, rank, world_size)
 
-    def __init__(self, source: str, spec: ViewSpec, resolutions, batch_size: int, *,
-                 paths=(), weights=(), rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 shuffle: bool = True, skip_bad: bool = False, synthetic_scenes: int = 64,
-                 cache_dir: Optional[str] = None, endpoint: Optional[str] = None):
-        self.source, self.spec, self.batch_size = source, spec, batch_size
-        self.resolutions = [tuple(r) for r in resolutions]
-        self.paths, self.weights = list(paths), list(weights)
-        self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
-        self.shuffle, self.skip_bad, self.endpoint = shuffle, skip_bad, endpoint
-        self.seed = spec.seed
-        self.epoch, self.step = 0, 0
-        s3.configure_endpoint(endpoint)
-        if source == "synthetic":
-            self.num_records = synthetic_scenes
-        elif source == "wds":
-            self._init_wds()
-        elif source == "mds":
-            self._init_mds(cache_dir)
-        else:
-            raise ValueError(f"data.source must be synthetic, mds or wds, got {source!r}")
-
-    # ---- sizes and positions -------------------------------------------------------------
     def steps_per_epoch(self) -> int:
-        B, R = self.batch_size, self.world_size
-        if self.source == "synthetic":
-            return self.num_records // (B * R)
-        if self.source == "mds":
-            return -(-self.records.epoch_size // (B * R)) if self.records.epoch_size else 0
-        return self._wds_plan(0)[1] * self._workers()
+        return self.source.steps_per_epoch()
 
     def __len__(self) -> int:
         return self.steps_per_epoch()
 
     def set_position(self, epoch: int, step: int) -> None:
-        self.epoch, self.step = int(epoch), int(step)
+        self.source.seek(epoch, step)
 
-    def _workers(self) -> int:
-        return max(1, self.num_workers)
-
-    # ---- worker side -----------------------------------------------------------------------
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         w, W = (info.id, info.num_workers) if info else (0, 1)
-        if W != self._workers():
-            raise RuntimeError(f"MultiViewStream was built for {self._workers()} workers but "
-                               f"runs under {W}; build it with num_workers={W}")
-        if self.source == "mds":
-            yield from self._iter_mds(w, W)
-            return
-        epoch, s0 = self.epoch, self.step
-        n_steps = self.steps_per_epoch()
-        steps = range(s0 + w, n_steps, W)
-        items = self._synthetic_items(epoch, steps) if self.source == "synthetic" else \
-            self._wds_items(epoch, s0, w, W, n_steps)
+        if W != self.source.num_workers:
+            raise RuntimeError(f"MultiViewStream was built for {self.source.num_workers} "
+                               f"workers but runs under {W}; build it with num_workers={W}")
+        epoch, steps, items = self.source.items(w, W)
         yield from self._batches(epoch, steps, items)
+        self.source.finish()
 
     def _batches(self, epoch: int, steps, items: Iterator[Item]) -> Iterator[dict]:
         items = _Pushback(items)
@@ -158,7 +146,7 @@ class MultiViewStream(IterableDataset):
             for _ in range(self.batch_size):
                 item = next(items)
                 try:
-                    samples.append(self._make(*item, epoch, res))
+                    samples.append(self._make(item, epoch, res))
                     last_good = item
                 except DataError as e:
                     if not self.skip_bad:
@@ -168,7 +156,7 @@ class MultiViewStream(IterableDataset):
             if skipped:
                 if last_good is None:  # nothing good yet in this worker: look ahead
                     last_good = self._look_ahead(items, epoch, res)
-                fill = self._make(*last_good, epoch, res)
+                fill = self._make(last_good, epoch, res)
                 samples += [fill] * (self.batch_size - len(samples))
             batch = collate(samples)
             batch.update(epoch=epoch, step=step, num_skipped=skipped)
@@ -181,7 +169,7 @@ class MultiViewStream(IterableDataset):
         for item in items:
             seen.append(item)
             try:
-                self._make(*item, epoch, res)
+                self._make(item, epoch, res)
             except DataError:
                 continue
             break
@@ -192,187 +180,14 @@ class MultiViewStream(IterableDataset):
             items.push(it)
         return seen[-1]
 
-    def _make(self, sid, where, load, epoch, res) -> dict:
-        rng = view_rng(self.spec, epoch, sid)
-        if self.source == "synthetic":
-            return self._render_synthetic(sid, rng, res)
-        seq = load()
-        # The whole record's cameras, not only the chosen views: a bad record fails every time.
-        check_cameras(seq_K(seq), seq_c2w(seq), seq.image_sizes, f"{where} (scene "
-                      f"{seq.scene_id!r})")
+    def _make(self, item: Item, epoch: int, res) -> dict:
+        rng = view_rng(self.spec, epoch, item.sample_id)
+        record = item.load()
         try:
-            pos, mask = select_views(len(seq.frames), self.spec, rng)
+            pos, mask = select_views(record.num_frames, self.spec, rng)
         except DataError as e:
-            raise DataError(f"{where}: {e}") from None
-        return make_sample(seq, pos, mask, res, self.spec, where, sid)
-
-    # ---- synthetic ---------------------------------------------------------------------------
-    def _order(self, epoch: int, n: int) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(n)
-        return np.random.default_rng([self.seed, int(epoch), 29]).permutation(n)
-
-    def _synthetic_items(self, epoch, steps) -> Iterator[Item]:
-        order = self._order(epoch, self.num_records)
-        B, R = self.batch_size, self.world_size
-        for k in steps:
-            base = k * B * R + self.rank * B
-            for i in order[base:base + B]:
-                yield int(i), f"synthetic scene {int(i)}", None
-
-    def _render_synthetic(self, sid: int, rng, res) -> dict:
-        from gld.data.synthetic import render, scene_cameras, to_uint8
-
-        scene, K, c2w = scene_cameras(self.seed, sid, self.spec.window, res)
-        pos, mask = select_views(self.spec.window, self.spec, rng)
-        rgb, depth = render(scene, c2w[pos], K[pos], *res)
-        sample = {
-            "images": torch.from_numpy(to_uint8(rgb)).permute(0, 3, 1, 2).contiguous(),
-            "K": torch.from_numpy(K[pos]).float(), "c2w": torch.from_numpy(c2w[pos]).float(),
-            "source_mask": torch.from_numpy(mask),
-            "frame_indices": torch.from_numpy(pos.astype(np.int64)),
-            "has_depth": True, "scene_id": f"synthetic-{self.seed}-{sid:06d}", "sample_id": sid,
-        }
-        if self.spec.load_depth:
-            sample["depth"] = depth
-        return sample
-
-    # ---- webdataset tar shards ---------------------------------------------------------------
-    def _init_wds(self) -> None:
-        if self.weights and len(set(self.weights)) > 1:
-            raise ValueError("data.weights (mixing proportions) need data.source='mds'; "
-                             "webdataset shards are read once each per epoch")
-        self.shards = []  # (url, num_records, first global record id, file bytes)
-        n = 0
-        for path in self.paths:
-            meta = read_meta(path, self.endpoint)
-            if meta.writer != "wds":
-                raise DataError(f"{path}: written by the {meta.writer!r} writer, but "
-                                f"data.source='wds'")
-            for info in meta.shards:
-                self.shards.append((s3.join(path, info["name"]), int(info["num_records"]), n,
-                                    int(info["bytes"])))
-                n += int(info["num_records"])
-        self.num_records = n
-
-    def _wds_plan(self, epoch: int):
-        """-> (slots: list of shard-index lists, batches per slot, dropped records)."""
-        S = self.world_size * self._workers()
-        order = self._order(epoch, len(self.shards))
-        slots = [list(order[q::S]) for q in range(S)]
-        counts = [sum(self.shards[i][1] for i in slot) for slot in slots]
-        per_slot = min(counts) // self.batch_size
-        return slots, per_slot, sum(counts) - per_slot * self.batch_size * S
-
-    @property
-    def dropped_per_epoch(self) -> int:
-        return self._wds_plan(self.epoch)[2] if self.source == "wds" else 0
-
-    def _wds_items(self, epoch, s0, w, W, n_steps) -> Iterator[Item]:
-        # Step k belongs to slot k mod W of this rank, as its batch k // W; after a resume at
-        # s0 this worker serves steps s0 + w + jW: one slot, from batch (s0 + w) // W.
-        slots, per_slot, _ = self._wds_plan(epoch)
-        first = s0 + w
-        slot = slots[self.rank * W + first % W]
-        skip = (first // W) * self.batch_size
-        for shard_i in slot:
-            url, count, base, size = self.shards[shard_i]
-            if skip >= count:
-                skip -= count
-                continue
-            perm = self._order_in_shard(epoch, shard_i, count)
-            loaded = dict((local, (where, load)) for local, where, load in
-                          self._read_shard(url, count, base, size))
-            for local in perm[skip:]:
-                where, load = loaded[int(local)]
-                yield base + int(local), where, load
-            skip = 0
-
-    def _order_in_shard(self, epoch, shard_i, count) -> np.ndarray:
-        if not self.shuffle:
-            return np.arange(count)
-        return np.random.default_rng([self.seed, int(epoch), int(shard_i), 37]).permutation(count)
-
-    def _read_shard(self, url: str, count: int, base: int, size: int):
-        """All records of one shard: (local index, where, load). A missing, truncated or
-        unreadable shard raises DataError naming it, or with skip_bad its unreadable records
-        become loads that raise (counted as skipped)."""
-        got, error = [], None
-        try:
-            got = list(iter_tar_records(url, self.endpoint, size))
-            if len(got) != count:
-                error = DataError(f"shard {url}: {len(got)} records, gld_meta.json says "
-                                  f"{count} (truncated shard?)")
-        except DataError as e:
-            error = e
-        if error is not None:
-            if not self.skip_bad:
-                raise error
-            got = got[:-1]  # the last record read from a broken tar may be partial
-        for i, raw in got:
-            where = f"shard {url} record {i} (sample {base + i})"
-            yield i, where, (lambda raw=raw, where=where: records.from_wds(raw, where))
-        if error is not None:
-            def fail(e=error):
-                raise e
-            for i in range(len(got), count):
-                yield i, f"shard {url} record {i} (sample {base + i})", fail
-
-    # ---- MDS through mosaicml-streaming ---------------------------------------------------------
-    def _init_mds(self, cache_dir: Optional[str]) -> None:
-        from streaming import Stream
-
-        streams = []
-        total_w = sum(self.weights) if self.weights else 0
-        for i, path in enumerate(self.paths):
-            meta = read_meta(path, self.endpoint)  # refuses incomplete datasets
-            if meta.writer != "mds":
-                raise DataError(f"{path}: written by the {meta.writer!r} writer, but "
-                                f"data.source='mds'")
-            if s3.is_s3(path):
-                root = cache_dir or os.path.join(tempfile.gettempdir(), "gld-cache")
-                local = os.path.join(root, hashlib.sha1(path.encode()).hexdigest()[:16])
-                remote = path
-            else:
-                local, remote = path, None
-            kw = {"proportion": self.weights[i] / total_w} if total_w else {}
-            streams.append(Stream(remote=remote, local=local, **kw))
-        from streaming.base.world import World
-
-        # Fixed (not streaming's lazy default) so the resume state can be built without it.
-        self.num_nodes = World.detect().num_nodes
-        from gld.data.mds import MDSRecords
-
-        self.records = MDSRecords(streams=streams, batch_size=self.batch_size,
-                                  shuffle=self.shuffle, shuffle_seed=self.seed,
-                                  num_canonical_nodes=self.num_nodes,
-                                  allow_unsafe_types=False)
-        self.num_records = self.records.num_samples
-
-    def _iter_mds(self, w: int, W: int) -> Iterator[dict]:
-        it = iter(self.records)
-        first = next(it, None)  # starts streaming's epoch: captures (epoch, sample_in_epoch)
-        if first is None:
-            self.records._raise_failure()
-            return
-        epoch = self.records._gld_epoch
-        s0 = self.records._gld_sample_in_epoch // (self.batch_size * self.world_size)
-
-        def items() -> Iterator[Item]:
-            for sid, where, raw in _chain([first], it):
-                if isinstance(raw, DataError):
-                    def load(e=raw):
-                        raise e
-                else:
-                    def load(raw=raw, where=where):
-                        return records.from_mds(raw, where)
-                yield sid, where, load
-            self.records._raise_failure()
-
-        gen = items()
-        n_steps = self.steps_per_epoch()
-        yield from self._batches(epoch, range(s0 + w, n_steps, W), gen)
-        self.records._raise_failure()
+            raise DataError(f"{item.where}: {e}") from None
+        return record.sample(pos, mask, res, self.spec, item.sample_id)
 
 
 class _Pushback:
@@ -389,11 +204,6 @@ class _Pushback:
 
     def push(self, item) -> None:
         self.back.append(item)
-
-
-def _chain(a, b):
-    yield from a
-    yield from b
 
 
 class MultiViewLoader:
@@ -413,8 +223,6 @@ class MultiViewLoader:
 
     def __iter__(self) -> Iterator[dict]:
         ds = self.dataset
-        if ds.source == "mds":  # always: a stale resume state left in shared memory by an
-            ds.records.load_state_dict(self._mds_state())  # earlier job must not apply
         ds.set_position(self.epoch, self.step)
         nw = ds.num_workers
         dl = DataLoader(ds, batch_size=None, num_workers=nw, pin_memory=self.pin_memory,
@@ -429,62 +237,24 @@ class MultiViewLoader:
             yield batch
         self.epoch, self.step = self.epoch + 1, 0
 
-    def _mds_state(self) -> dict:
-        """mosaicml-streaming's resume state for (epoch, step), built here rather than read
-        from its shared memory (another rank of the node may be rewriting that)."""
-        ds = self.dataset
-        return {"epoch": self.epoch, "sample_in_epoch": self.step * ds.batch_size * ds.world_size,
-                "num_canonical_nodes": ds.num_nodes, "shuffle_seed": ds.seed,
-                "initial_physical_nodes": ds.num_nodes}
-
     def state_dict(self) -> dict:
-        ds = self.dataset
         return {"epoch": self.epoch, "step": self.step, "num_skipped": self.num_skipped,
-                "source": ds.source, "seed": ds.seed, "batch_size": ds.batch_size,
-                "world_size": ds.world_size, "num_workers": ds._workers(),
-                "num_records": ds.num_records}
+                **self.dataset.source.state_dict()}
 
     def load_state_dict(self, state: dict) -> None:
-        ds = self.dataset
-        for key, have in (("source", ds.source), ("seed", ds.seed),
-                          ("batch_size", ds.batch_size), ("world_size", ds.world_size),
-                          ("num_records", ds.num_records)) + (
-                (("num_workers", ds._workers()),) if ds.source == "wds" else ()):
-            if state[key] != have:
-                raise ValueError(f"data state: {key}={state[key]} in the checkpoint, {have} now; "
-                                 f"an exact resume needs the same value")
+        self.dataset.source.load_state_dict(state)
         self.epoch, self.step = int(state["epoch"]), int(state["step"])
         self.num_skipped = int(state.get("num_skipped", 0))
 
 
-def build_dataset(cfg, split: str = "train", rank: Optional[int] = None,
-                  world_size: Optional[int] = None, eval_cfg=None) -> MultiViewStream:
-    """The dataset for `cfg` (a DataConfig). split "train" (random views, shuffled) or "eval"
-    (fixed views from `eval_cfg`: an EvalConfig; eval_paths if set; no shuffle)."""
-    if rank is None or world_size is None:
-        r, w = rank_and_world()
-        rank = r if rank is None else rank
-        world_size = w if world_size is None else world_size
-    train = split == "train"
-    if not train and split != "eval":
-        raise ValueError(f"split must be 'train' or 'eval', got {split!r}")
-    spec = ViewSpec(num_views=cfg.num_views if train or eval_cfg is None else eval_cfg.num_views,
-                    window=cfg.view_window, min_sources=cfg.min_sources,
-                    max_sources=cfg.max_sources, mode="train" if train else "eval",
-                    eval_sources=eval_cfg.num_sources if eval_cfg else cfg.max_sources,
-                    eval_selection=eval_cfg.source_selection if eval_cfg else "interpolate",
-                    seed=cfg.seed, load_depth=cfg.load_depth)
-    resolutions = cfg.resolutions if train or eval_cfg is None else [eval_cfg.resolution]
-    paths = cfg.paths if train or not cfg.eval_paths else cfg.eval_paths
-    return MultiViewStream(cfg.source, spec, resolutions, cfg.batch_size, paths=paths,
-                           weights=cfg.weights, rank=rank, world_size=world_size,
-                           num_workers=cfg.num_workers, shuffle=cfg.shuffle and train,
-                           skip_bad=cfg.skip_bad, synthetic_scenes=cfg.synthetic_scenes,
-                           cache_dir=cfg.cache_dir, endpoint=cfg.s3_endpoint)
+def build_dataset(cfg: DataConfig, split: str = "train", rank: Optional[int] = None,
+                  world_size: Optional[int] = None) -> MultiViewStream:
+    """The stream of `split` for `cfg` (the data section); see `MultiViewStream`."""
+    return MultiViewStream(cfg, split, rank, world_size)
 
 
-def build_loader(cfg, split: str = "train", rank: Optional[int] = None,
-                 world_size: Optional[int] = None, eval_cfg=None) -> MultiViewLoader:
+def build_loader(cfg: DataConfig, split: str = "train", rank: Optional[int] = None,
+                 world_size: Optional[int] = None) -> MultiViewLoader:
     """`MultiViewLoader` over `build_dataset(...)`; see the module docstring for batches."""
-    return MultiViewLoader(build_dataset(cfg, split, rank, world_size, eval_cfg),
+    return MultiViewLoader(build_dataset(cfg, split, rank, world_size),
                            prefetch_factor=cfg.prefetch_factor)

@@ -23,10 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from gld.data.config import DataConfig
 from gld.data.schema import DataError, Sequence, check_cameras
 from gld.geometry.cameras import crop_intrinsics, resize_intrinsics
 
-__all__ = ["ViewSpec", "select_views", "make_sample", "resize_crop_size", "view_rng"]
+__all__ = ["ViewSpec", "select_views", "make_sample", "resize_crop_size", "view_rng", "collate"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,16 @@ class ViewSpec:
     eval_selection: str = "interpolate"
     seed: int = 0
     load_depth: bool = False
+
+    @classmethod
+    def from_config(cls, cfg: DataConfig, split: str = "train") -> "ViewSpec":
+        """The views of `split` ("train" or "eval") of a data config section."""
+        views, sources = cfg.eval_views()
+        return cls(num_views=cfg.num_views if split == "train" else views,
+                   window=cfg.view_window, min_sources=cfg.min_sources,
+                   max_sources=cfg.max_sources, mode=split, eval_sources=sources,
+                   eval_selection=cfg.eval.source_selection, seed=cfg.seed,
+                   load_depth=cfg.load_depth)
 
 
 def view_rng(spec: ViewSpec, epoch: int, sample_id: int) -> np.random.Generator:

@@ -1,4 +1,4 @@
-"""Shard writers (MDS via mosaicml-streaming, tar via webdataset) and a plain local reader.
+"""Shard writers: MDS via mosaicml-streaming, tar shards via webdataset (readers: readers.py).
 
 `write_dataset(sequences, output, writer, meta)` stores each `Sequence` (or chunks of
 `max_frames` frames of a long one) as one record (layout: gld/data/records.py). Writing is
@@ -7,8 +7,6 @@ atomic: everything goes into a hidden temporary folder beside `output`, every fi
 `s3://` output the finished folder is uploaded with `gld_meta.json` as the last object. Readers
 refuse a dataset without `gld_meta.json`, so a half-written dataset never looks complete.
 
-`read_sequences(path)` yields the stored Sequences back in write order (local or s3://), for
-round-trip tests and tools; training streams through gld/data/streaming.py instead.
 """
 from __future__ import annotations
 
@@ -18,15 +16,12 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterable, Iterator, Literal, Optional
-
-import numpy as np
+from typing import Iterable, Literal, Optional
 
 from gld.data import records, s3
 from gld.data.schema import META_FILE, DataError, DatasetMeta, Sequence, check_cameras
 
-__all__ = ["write_dataset", "read_sequences", "read_meta", "chunk_sequence", "shard_paths",
-           "iter_tar_records", "seq_K", "seq_c2w"]
+__all__ = ["write_dataset", "chunk_sequence"]
 
 
 def chunk_sequence(seq: Sequence, max_frames: Optional[int]) -> list[Sequence]:
@@ -201,125 +196,3 @@ def _write_shards(sequences, folder: Path, writer, meta: DatasetMeta, max_frames
                         "bytes": s["raw_data"]["bytes"]} for s in index["shards"]]
     else:
         meta.shards = out.shards
-
-
-def read_meta(path: str, endpoint: Optional[str] = None) -> DatasetMeta:
-    """The dataset's gld_meta.json; DataError if absent (incomplete or not a GLD dataset)."""
-    url = s3.join(path, META_FILE)
-    try:
-        text = s3.read_bytes(url, endpoint).decode()
-    except FileNotFoundError:
-        raise DataError(f"{path}: no {META_FILE}: the dataset is incomplete (still being "
-                        f"written, or the write failed) or is not a GLD dataset") from None
-    return DatasetMeta.from_json(text)
-
-
-def shard_paths(path: str, meta: DatasetMeta) -> list[str]:
-    return [s3.join(path, s["name"]) for s in meta.shards]
-
-
-def read_sequences(path: str, endpoint: Optional[str] = None,
-                   check: bool = True) -> Iterator[Sequence]:
-    """Yield every stored record as a Sequence, in write order (exact bytes and float64 cameras).
-
-    path: local folder or s3:// prefix written by `write_dataset`. check: validate cameras
-    (DataError naming shard and record index on failure).
-    """
-    meta = read_meta(path, endpoint)
-    if meta.writer == "mds":
-        yield from _read_mds(path, meta, endpoint, check)
-    else:
-        yield from _read_wds(path, meta, endpoint, check)
-
-
-def _read_mds(path, meta, endpoint, check):
-    from streaming.base.format import reader_from_json
-
-    tmp = None
-    local = path
-    if s3.is_s3(path):
-        tmp = local = tempfile.mkdtemp(prefix="gld-read-")
-        s3.download_dir(path, tmp, endpoint)
-    try:
-        index = json.loads((Path(local) / "index.json").read_text())
-        for info in index["shards"]:
-            shard = reader_from_json(local, None, info)
-            name = info["raw_data"]["basename"]
-            for i in range(shard.samples):
-                where = f"{path}/{name} record {i}"
-                try:
-                    raw = shard[i]
-                except Exception as e:
-                    raise DataError(f"{where}: unreadable ({type(e).__name__}: {e})") from None
-                seq = records.from_mds(raw, where)
-                if check:
-                    check_cameras(raw["K"], raw["c2w"], raw["meta"]["image_sizes"], where)
-                yield seq
-    finally:
-        if tmp:
-            shutil.rmtree(tmp, ignore_errors=True)
-
-
-def iter_tar_records(url: str, endpoint: Optional[str] = None,
-                     expected_bytes: Optional[int] = None) -> Iterator[tuple[int, dict]]:
-    """(index in shard, {member suffix: bytes, '__key__': key}) for each record of one tar
-    shard; DataError naming the shard (and record) when it is missing, has another size than
-    `expected_bytes` (truncated: tar readers stop silently at a block boundary) or is
-    unreadable."""
-    from webdataset.tariterators import group_by_keys, tar_file_expander
-
-    i = -1
-    if expected_bytes is not None:
-        try:
-            size = s3.size_of(url, endpoint)
-        except FileNotFoundError as e:
-            raise DataError(f"shard {url}: missing ({e})") from None
-        if size != expected_bytes:
-            raise DataError(f"shard {url}: {size} bytes, {META_FILE} says {expected_bytes} "
-                            f"(truncated shard)")
-    try:
-        stream = s3.open_binary(url, endpoint)
-    except FileNotFoundError as e:
-        raise DataError(f"shard {url}: missing ({e})") from None
-    try:
-        members = tar_file_expander([{"url": url, "stream": stream}],
-                                    handler=_reraise)
-        for i, sample in enumerate(group_by_keys(members, handler=_reraise)):
-            yield i, sample
-    except DataError:
-        raise
-    except Exception as e:
-        raise DataError(f"shard {url}: truncated or corrupt tar after record {i} "
-                        f"({type(e).__name__}: {e})") from None
-    finally:
-        stream.close()
-
-
-def _reraise(exn):
-    raise exn
-
-
-def _read_wds(path, meta, endpoint, check):
-    for info in meta.shards:
-        url = s3.join(path, info["name"])
-        n = 0
-        for i, sample in iter_tar_records(url, endpoint, info["bytes"]):
-            where = f"{url} record {i}"
-            seq = records.from_wds(sample, where)
-            if check:
-                check_cameras(seq_K(seq), seq_c2w(seq), seq.image_sizes, where)
-            n += 1
-            yield seq
-        if n != info["num_records"]:
-            raise DataError(f"shard {url}: {n} records, {META_FILE} says {info['num_records']} "
-                            f"(truncated shard?)")
-
-
-def seq_K(seq: Sequence) -> np.ndarray:
-    """(N, 3, 3) float64 intrinsics of a sequence."""
-    return np.stack([np.asarray(f.K, np.float64) for f in seq.frames])
-
-
-def seq_c2w(seq: Sequence) -> np.ndarray:
-    """(N, 4, 4) float64 camera-to-world poses of a sequence."""
-    return np.stack([np.asarray(f.c2w, np.float64) for f in seq.frames])
