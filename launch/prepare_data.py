@@ -14,10 +14,11 @@ import argparse
 import sys
 
 from gld.data.formats import READERS, convert
+from gld.data.s3 import S3AccessError
 from gld.data.schema import DataError
 
 
-def main(argv=None) -> int:
+def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("format", choices=sorted(READERS))
@@ -42,8 +43,11 @@ def main(argv=None) -> int:
     g.add_argument("--camera-csv", help="hypersim: metadata_camera_parameters.csv "
                    "(default <input>/metadata_camera_parameters.csv if present)")
     g.add_argument("--no-depth", action="store_true", help="tartanair / hypersim: skip depth")
-    a = p.parse_args(argv)
+    return p
 
+
+def main(argv=None) -> int:
+    a = parser().parse_args(argv)
     per_format = {
         "re10k_txt": {"frames_dir": a.frames_dir},
         "nerfstudio": {"image_dir": a.image_dir}, "dl3dv": {"image_dir": a.image_dir},
@@ -57,15 +61,21 @@ def main(argv=None) -> int:
                                  min_frames=a.min_frames, max_frames=a.max_frames,
                                  overwrite=a.overwrite, progress=not a.no_progress,
                                  options=per_format.get(a.format, {}))
-    except (DataError, FileExistsError, ImportError) as e:  # BadSample is a DataError
-        print(f"prepare_data: error: {e}", file=sys.stderr)
-        return 1
+    except FileExistsError:
+        return _error(f"{a.output} already exists; add --overwrite to replace it")
+    except (DataError, S3AccessError, ImportError) as e:  # BadSample is a DataError
+        return _error(str(e))
     print(f"wrote {a.output}: {meta.num_sequences} sequences, {meta.num_records} records, "
           f"{meta.num_frames} frames ({meta.writer}); skipped {problems.skipped_frames} frames, "
           f"{problems.skipped_sequences} sequences")
     for msg in problems.messages[:20]:
         print(f"  skipped: {msg}")
     return 0
+
+
+def _error(message: str) -> int:
+    print(f"prepare_data: error: {message}", file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -19,6 +19,14 @@ TINY = dict(num_views=3, view_window=6, min_sources=1, max_sources=2,
             resolutions=[(14, 14), (14, 28)], batch_size=2, num_workers=2, seed=5)
 
 
+def prepare_data(*argv) -> int:
+    """`launch/prepare_data.py argv... --no-progress` in this process; returns its exit code."""
+    import runpy
+
+    main = runpy.run_path(str(ROOT / "launch" / "prepare_data.py"))["main"]
+    return main([str(a) for a in argv] + ["--no-progress"])
+
+
 def tiny_sequences(n=NUM_RECORDS, fmt="png"):
     from gld.data.synthetic import synthetic_sequences
 

@@ -13,6 +13,7 @@ import pytest
 from gld.data.formats import BadSample, convert
 from gld.data.readers import read_meta, read_sequences
 from tests import data_fixtures as fx
+from tests.data_helpers import prepare_data
 
 SIZE = (32, 40)
 REPO = Path(__file__).resolve().parents[1]
@@ -166,23 +167,43 @@ def test_skip_bad_drops_whole_sequences(tmp_path, world):
           "frame_00002.png", skip_bad=True, min_frames=4)
 
 
-def _cli(*args):
-    env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), *map(str, args),
-                           "--no-progress"], capture_output=True, text=True, env=env, timeout=300)
-
-
-def test_cli(tmp_path, world):
+def test_cli_as_a_script(tmp_path, world):
     fx.write_npz_folder(world, tmp_path / "in")
-    r = _cli("npz_folder", tmp_path / "in", tmp_path / "out", "--writer", "wds")
+    r = subprocess.run([sys.executable, str(REPO / "launch" / "prepare_data.py"), "npz_folder",
+                        str(tmp_path / "in"), str(tmp_path / "out"), "--writer", "wds",
+                        "--no-progress"], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, PYTHONPATH=str(REPO)))
     assert r.returncode == 0, r.stderr
     assert "2 sequences" in r.stdout and read_meta(str(tmp_path / "out")).writer == "wds"
+
+
+def test_cli_bad_data_and_skip_bad(tmp_path, world, capsys):
+    fx.write_npz_folder(world, tmp_path / "in")
     (tmp_path / "in" / "scene000" / "frame_0.npz").unlink()
-    r = _cli("npz_folder", tmp_path / "in", tmp_path / "out2")
-    assert r.returncode == 1 and "frame_0" in r.stderr and "missing" in r.stderr
+    assert prepare_data("npz_folder", tmp_path / "in", tmp_path / "out2") == 1
+    err = capsys.readouterr().err
+    assert "frame_0" in err and "missing" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "out2").exists()
-    r = _cli("npz_folder", tmp_path / "in", tmp_path / "out3", "--skip-bad")
-    assert r.returncode == 0 and "skipped 1 frames" in r.stdout, r.stdout + r.stderr
+    assert prepare_data("npz_folder", tmp_path / "in", tmp_path / "out3", "--skip-bad") == 0
+    assert "skipped 1 frames" in capsys.readouterr().out
+
+
+def test_cli_names_its_own_flag_for_an_existing_output(tmp_path, capsys):
+    spec = "scenes=1,frames=2,size=14x14"
+    assert prepare_data("synthetic", spec, tmp_path / "out") == 0
+    capsys.readouterr()
+    assert prepare_data("synthetic", spec, tmp_path / "out") == 1
+    assert capsys.readouterr().err == (f"prepare_data: error: {tmp_path / 'out'} already exists; "
+                                       f"add --overwrite to replace it\n")
+    assert prepare_data("synthetic", spec, tmp_path / "out", "--overwrite") == 0
+
+
+@pytest.mark.parametrize("size", ["256", "256x", "x256", "256x256x3", "0x256", "ax256"])
+def test_cli_synthetic_size_must_be_h_by_w(tmp_path, capsys, size):
+    assert prepare_data("synthetic", f"scenes=1,size={size}", tmp_path / "out") == 1
+    assert capsys.readouterr().err == (f"prepare_data: error: synthetic spec 'scenes=1,size={size}'"
+                                       f": size must be HxW in pixels like 256x256, got "
+                                       f"'{size}'\n")
 
 
 def test_re10k_index_must_match_chunk(tmp_path, jpeg_world):

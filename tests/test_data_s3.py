@@ -1,6 +1,9 @@
 """Streaming from a real S3-compatible server (SeaweedFS on 127.0.0.1): 2 ranks x 2 workers
 see every record exactly once, a resume after k steps continues exactly, and every kind of bad
-data gets an error naming the shard and the record (or is skipped and counted)."""
+data gets an error naming the shard and the record (or is skipped and counted). Missing
+credentials and an unreachable endpoint end in one line naming the endpoint and what to set."""
+import socket
+
 import numpy as np
 import pytest
 
@@ -11,7 +14,7 @@ from gld.data.schema import DataError, DatasetMeta
 from gld.data.streaming import build_dataset, build_loader
 from gld.data.writers import write_dataset
 from tests.data_helpers import (NUM_RECORDS, cfg_dict, check_exactly_once, check_resume,
-                                run_ranks, tiny_sequences)
+                                prepare_data, run_ranks, tiny_sequences)
 from tests.s3_server import s3_server  # noqa: F401  (session fixture)
 
 
@@ -191,3 +194,54 @@ def test_incomplete_dataset_is_refused(s3_server, tmp_path):  # noqa: F811
         read_meta(url)
     with pytest.raises(DataError, match="no gld_meta.json"):
         _loader(url, "wds", tmp_path)
+
+
+# ---- S3 that cannot be used as configured ------------------------------------------------------
+@pytest.fixture
+def dead_endpoint(monkeypatch):
+    """S3_ENDPOINT_URL on a closed loopback port, no credentials anywhere boto3 looks (files,
+    metadata service), one attempt per request."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    endpoint = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    sock.close()
+    for key in ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN", "AWS_PROFILE"):
+        monkeypatch.delenv(key, raising=False)
+    for key in ("AWS_SHARED_CREDENTIALS_FILE", "AWS_CONFIG_FILE", "BOTO_CONFIG"):
+        monkeypatch.setenv(key, "/nonexistent/gld-test")
+    monkeypatch.setenv("AWS_EC2_METADATA_DISABLED", "true")
+    monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
+    monkeypatch.setenv("S3_ENDPOINT_URL", endpoint)
+    monkeypatch.setattr(s3, "_CLIENTS", {})
+    return endpoint
+
+
+def _one_line_naming(text: str, endpoint: str, reason: str) -> None:
+    assert len(text.strip().splitlines()) == 1, text
+    for part in (endpoint, reason, "S3_ENDPOINT_URL", "AWS_ACCESS_KEY_ID",
+                 "AWS_SECRET_ACCESS_KEY"):
+        assert part in text, (part, text)
+
+
+def test_s3_output_without_credentials(dead_endpoint, capsys):
+    assert prepare_data("synthetic", "scenes=1,frames=2,size=14x14", "s3://gld-out/ds") == 1
+    err = capsys.readouterr().err
+    assert err.startswith("prepare_data: error: s3://gld-out/ds/gld_meta.json: S3 endpoint ")
+    _one_line_naming(err, dead_endpoint, "no usable credentials")
+
+
+def test_s3_dead_endpoint(dead_endpoint, monkeypatch, capsys):
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "gldtest")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "never-printed")
+    assert prepare_data("synthetic", "scenes=1,frames=2,size=14x14", "s3://gld-out/ds") == 1
+    err = capsys.readouterr().err
+    _one_line_naming(err, dead_endpoint, "cannot connect")
+    assert "never-printed" not in err
+    # An s3:// input the same way, from the environment or from data.s3_endpoint.
+    for source in ("wds", "mds"):
+        with pytest.raises(s3.S3AccessError) as e:
+            build_loader(DataConfig(source=source, paths=["s3://gld-in/ds"], num_workers=0))
+        _one_line_naming(str(e.value), dead_endpoint, "cannot connect")
+    monkeypatch.delenv("S3_ENDPOINT_URL")
+    with pytest.raises(s3.S3AccessError, match=f"S3 endpoint {dead_endpoint}: cannot connect"):
+        build_loader(DataConfig(source="wds", paths=["s3://gld-in/ds"], s3_endpoint=dead_endpoint))

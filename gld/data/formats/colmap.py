@@ -193,7 +193,7 @@ class ColmapReader(Reader):
         return scenes
 
     def read(self, scene: Path, problems: Problems) -> Iterator[Sequence]:
-        scene_id = scene.name if scene == self.root else scene.relative_to(self.root).as_posix()
+        scene_id = self.scene_id(scene)
         model_dir = self._model_dir(scene)
         ext = ".bin" if (model_dir / "cameras.bin").exists() else ".txt"
         images_path = model_dir / f"images{ext}"

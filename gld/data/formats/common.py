@@ -94,6 +94,22 @@ class Reader:
     def units(self) -> list:
         raise NotImplementedError
 
+    def scene_folders(self, marker: str, what: str) -> list[Path]:
+        """Units of the formats whose scenes are folders holding `marker` (a glob pattern):
+        the input itself when it holds one, else every folder below it that does, in natural
+        order; BadSample naming `what` when there is none."""
+        if any(p.is_file() for p in self.root.glob(marker)):
+            return [self.root]
+        scenes = sorted({p.parent for p in self.root.rglob(marker) if p.is_file()},
+                        key=lambda p: natural_key(str(p)))
+        if not scenes:
+            raise BadSample(str(self.root), f"no {what} found")
+        return scenes
+
+    def scene_id(self, scene: Path) -> str:
+        """A scene folder's id: its path below the input (its name when it is the input)."""
+        return scene.name if scene == self.root else scene.relative_to(self.root).as_posix()
+
     def read(self, unit, problems: Problems) -> Iterator[Sequence]:
         raise NotImplementedError
 

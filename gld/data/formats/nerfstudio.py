@@ -52,16 +52,7 @@ class NerfstudioReader(Reader):
         self.image_dir = image_dir
 
     def units(self) -> list[Path]:
-        if (self.root / "transforms.json").is_file():
-            return [self.root]
-        scenes = sorted({p.parent for p in self.root.rglob("transforms.json")},
-                        key=lambda p: natural_key(str(p)))
-        if not scenes:
-            raise BadSample(str(self.root), "no transforms.json found")
-        return scenes
-
-    def _scene_id(self, scene: Path) -> str:
-        return scene.name if scene == self.root else scene.relative_to(self.root).as_posix()
+        return self.scene_folders("transforms.json", "transforms.json")
 
     def _resolve(self, scene: Path, file_path: str, chosen: dict) -> Path:
         rel = Path(file_path)
@@ -92,7 +83,7 @@ class NerfstudioReader(Reader):
         except BadSample as e:
             problems.sequence(e)
             return
-        scene_id = self._scene_id(scene)
+        scene_id = self.scene_id(scene)
         order = sorted(range(len(frames_meta)),
                        key=lambda i: natural_key(str(frames_meta[i].get("file_path", ""))))
         chosen: dict = {}

@@ -25,21 +25,11 @@ __all__ = ["NpzFolderReader"]
 class NpzFolderReader(Reader):
     name = "npz_folder"
 
-    @staticmethod
-    def _is_scene(d: Path) -> bool:
-        return any(p.suffix == ".npz" for p in d.iterdir())
-
     def units(self) -> list[Path]:
-        if self._is_scene(self.root):
-            return [self.root]
-        scenes = sorted({p.parent for p in self.root.rglob("*.npz")},
-                        key=lambda p: natural_key(str(p)))
-        if not scenes:
-            raise BadSample(str(self.root), "no .npz camera files found")
-        return scenes
+        return self.scene_folders("*.npz", ".npz camera files")
 
     def read(self, scene: Path, problems: Problems) -> Iterator[Sequence]:
-        scene_id = scene.name if scene == self.root else scene.relative_to(self.root).as_posix()
+        scene_id = self.scene_id(scene)
         stems: dict[str, dict] = {}
         for p in scene.iterdir():
             if p.is_file() and (p.suffix.lower() in IMAGE_EXTS or p.suffix == ".npz"):

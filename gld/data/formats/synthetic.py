@@ -26,11 +26,15 @@ def parse_spec(spec: str) -> dict:
             raise BadSample(f"synthetic spec {spec!r}", f"expected key=value with keys "
                             f"{sorted(_DEFAULTS)}, got {part!r}")
         opts[key] = value
+    size = opts["size"].lower().split("x")
+    if len(size) != 2 or not all(s.strip().isdigit() and int(s) > 0 for s in size):
+        raise BadSample(f"synthetic spec {spec!r}", f"size must be HxW in pixels like "
+                        f"256x256, got {opts['size']!r}")
     try:
-        h, w = (int(x) for x in opts["size"].lower().split("x"))
-        out = {"scenes": int(opts["scenes"]), "frames": int(opts["frames"]), "size": (h, w),
-               "seed": int(opts["seed"]), "format": opts["format"],
-               "depth": opts["depth"] not in ("0", "false", "no"), "start": int(opts["start"])}
+        out = {"scenes": int(opts["scenes"]), "frames": int(opts["frames"]),
+               "size": (int(size[0]), int(size[1])), "seed": int(opts["seed"]),
+               "format": opts["format"], "depth": opts["depth"] not in ("0", "false", "no"),
+               "start": int(opts["start"])}
     except ValueError as e:
         raise BadSample(f"synthetic spec {spec!r}", f"bad value: {e}") from None
     if out["format"] not in ("png", "jpeg"):

@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from gld.data.formats.common import (
-    BadSample, Problems, Reader, check_image, finish_sequence, intrinsics, make_frame, natural_key,
-    read_bytes, scale_intrinsics,
+    BadSample, Problems, Reader, check_image, finish_sequence, intrinsics, make_frame, read_bytes,
+    scale_intrinsics,
 )
 from gld.data.schema import Sequence
 from gld.geometry.rotations import quat_to_rotmat
@@ -61,16 +61,10 @@ class TartanAirReader(Reader):
         self.depth = depth
 
     def units(self) -> list[Path]:
-        if (self.root / "pose_left.txt").is_file():
-            return [self.root]
-        trajs = sorted({p.parent for p in self.root.rglob("pose_left.txt")},
-                       key=lambda p: natural_key(str(p)))
-        if not trajs:
-            raise BadSample(str(self.root), "no pose_left.txt found")
-        return trajs
+        return self.scene_folders("pose_left.txt", "pose_left.txt")
 
     def read(self, traj: Path, problems: Problems) -> Iterator[Sequence]:
-        scene_id = traj.name if traj == self.root else traj.relative_to(self.root).as_posix()
+        scene_id = self.scene_id(traj)
         pose_path = traj / "pose_left.txt"
         try:
             poses = read_poses(pose_path)
