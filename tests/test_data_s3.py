@@ -30,6 +30,7 @@ def s3_shards(s3_server):  # noqa: F811
     return urls
 
 
+@pytest.mark.slow  # 2 processes x 2 workers streaming from S3: 6-12 s
 @pytest.mark.parametrize("source", ["mds", "wds"])
 def test_two_ranks_two_workers_exactly_once_and_resume(s3_shards, source, tmp_path):
     cfg = cfg_dict(source, [s3_shards[source]], cache_dir=str(tmp_path / "cache"))

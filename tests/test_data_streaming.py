@@ -55,6 +55,7 @@ def test_two_ranks_two_workers_exactly_once_and_resume(local_shards, source):
         check_resume(res, 3)
 
 
+@pytest.mark.slow  # 2 processes x 2 workers, each importing mosaicml-streaming: ~12 s
 def test_mds_two_ranks_two_workers_exactly_once_and_resume(local_shards):
     cfg = cfg_dict("mds", [local_shards["mds"]])
     results = run_ranks(cfg, 2, resume_after=3)
