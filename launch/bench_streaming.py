@@ -86,6 +86,9 @@ def time_epochs(cfg: DataConfig) -> dict:
             if t_first is None:
                 t_first, n_first = time.perf_counter(), n
         t_end = time.perf_counter()
+        if t_first is None:  # fewer records than one batch per (worker) slot
+            raise SystemExit(f"bench_streaming: {cfg.source} with {cfg.num_workers} workers has "
+                             f"an empty epoch; store more records (--records / --copies)")
         rates.append(n / (t_end - t))
         steady.append((n - n_first) / (t_end - t_first))
     return {"samples_per_epoch": n, "cold_samples_per_s": round(rates[0], 2),
