@@ -6,7 +6,6 @@ atomic: everything goes into a hidden temporary folder beside `output`, every fi
 `gld_meta.json` is written last, and the folder is renamed to `output` in one step. For an
 `s3://` output the finished folder is uploaded with `gld_meta.json` as the last object. Readers
 refuse a dataset without `gld_meta.json`, so a half-written dataset never looks complete.
-
 """
 from __future__ import annotations
 
