@@ -124,8 +124,8 @@ class MDSRecords(StreamingDataset):
 
 
 class MDSSource(RecordSource):
-    """`records` (public: tests reach the streams and shards through it) is the
-    `MDSRecords` over every path, one mosaicml-streaming Stream each."""
+    """`records`: the `MDSRecords` over every path, one mosaicml-streaming Stream each (public
+    for tools and tests that look at its streams and shards)."""
 
     kind = "mds"
 
@@ -145,8 +145,8 @@ class MDSSource(RecordSource):
                 remote = path
             else:
                 local, remote = path, None
-            kw = {"proportion": weights[i] / total_w} if total_w else {}
-            streams.append(Stream(remote=remote, local=local, **kw))
+            mix = {"proportion": weights[i] / total_w} if total_w else {}
+            streams.append(Stream(remote=remote, local=local, **mix))
         # Fixed (not streaming's lazy default) so the resume state can be built without it.
         self.num_nodes = World.detect().num_nodes
         self.records = MDSRecords(streams=streams, batch_size=self.batch_size,
