@@ -11,7 +11,9 @@ from __future__ import annotations
 from typing import Iterator, Optional
 
 from gld.data.formats.common import BadSample, Problems, Reader
+from gld.data.formats.registry import make_reader
 from gld.data.schema import DatasetMeta, Sequence
+from gld.data.writers import write_dataset
 
 __all__ = ["convert", "iter_sequences"]
 
@@ -49,8 +51,6 @@ def convert(fmt: str, input: str, output: str, writer: str = "mds", *, skip_bad:
     options: reader keyword arguments (e.g. {"image_dir": "images_4"}); None values = default.
     Raises BadSample (naming file / scene / frame) on the first bad item unless `skip_bad`.
     """
-    from gld.data.formats import make_reader
-    from gld.data.writers import write_dataset
 
     options = {k: v for k, v in (options or {}).items() if v is not None}
     reader = make_reader(fmt, input, **options)
