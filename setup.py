@@ -17,7 +17,7 @@ install_requires = [
     "tqdm",
     "pillow",
     "webdataset>=0.2.86",
-    "mosaicml-streaming>=0.13,<0.14",  # gld/data/mds.py relies on its Stream._downloader
+    "mosaicml-streaming>=0.13,<0.14",  # gld/data/sources/mds.py relies on its Stream._downloader
     "lpips>=0.1.4",
     "wandb>=0.16",
     "h5py",  # HyperSim converter
