@@ -50,8 +50,10 @@ class _Published(nn.Module):
         self.model = net
 
 
-@pytest.fixture(scope="module", params=["small", "base"])
+@pytest.fixture(scope="module", params=["small", pytest.param("base", marks=pytest.mark.slow)])
 def pair(request, tmp_path_factory):
+    """(official network, ours) with the same random weights. Base repeats every check at its
+    width (building and saving it alone takes about 4 s on 2 cores): slow; Small is quick."""
     variant = request.param
     torch.manual_seed(0)
     net = da3_cfg.create_object(da3_cfg.load_config(f"depth_anything_3.configs.da3-{variant}"))
@@ -195,6 +197,7 @@ def test_propagate_needs_token0(pair):
     assert not torch.allclose(wrong[0].features, levels[2].features, atol=1e-4)
 
 
+@pytest.mark.slow  # two 518 x 518 backbones: 2-8 s on 2 cores
 def test_training_grid_uses_table_unresized(pair):
     """At 518 x 518 (the 37 x 37 training grid) the position table is used as stored."""
     net, ours = pair
