@@ -159,6 +159,14 @@ def test_no_import_cycles(package):
     assert mine == [], f"import cycles inside {package}: " + "; ".join(mine)
 
 
+def test_encoders_import_no_loaders():
+    """Encoders know nothing of files: gld.checkpoints imports them, never the other way."""
+    graph = import_graph(ROOT, ("gld",))
+    offenders = {m: sorted(t for t in targets if t.startswith("gld.checkpoints"))
+                 for m, targets in graph.items() if m.startswith("gld.encoders")}
+    assert {m: t for m, t in offenders.items() if t} == {}
+
+
 def _write_package(root: Path, files: dict[str, str]) -> None:
     for rel, text in files.items():
         (root / rel).parent.mkdir(parents=True, exist_ok=True)
