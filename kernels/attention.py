@@ -1,36 +1,41 @@
 """The one attention entry point the models call.
 
-`attention(q, k, v, cameras=None)` with q, k, v (B, h, N, d):
-- with `cameras` (a `PRoPECameras`): PRoPE attention over all views' tokens; the fused Triton
-  kernel on CUDA when it is available, the plain-PyTorch reference elsewhere.
+`attention(q, k, v, cameras=None, *, backend="auto", prope_kernels=None)` with q, k, v
+(B, h, N, d):
+- with `cameras` (a `PRoPECameras`): PRoPE attention over all views' tokens; the fused kernels
+  (kernels/prope/) on CUDA where they apply, the plain-PyTorch reference elsewhere.
+  `prope_kernels` (a `PRoPEKernels`) picks the fused kernels (None: their default policy,
+  `kernels.prope.fused.resolve`).
 - without: plain softmax attention; the `flash_attn` package when installed (CUDA, fp16/bf16;
   FlashAttention-2's `flash_attn_func`, or FlashAttention-4's `flash_attn.cute` when only that is
-  there), else PyTorch SDPA (on CUDA cuDNN first: on the H100 it is the faster backend, 468 vs
-  301 TFLOP/s forward at d=64, see launch/results/profile_kernels_*.md; flash next).
+  there), else PyTorch SDPA (on CUDA cuDNN first: on Hopper it is the faster backend, 448 vs
+  310 TFLOP/s forward at d = 64 on the H200, docs/gpu.md; flash next).
 
-`use_backend(name)` forces one backend (tests and benchmarks); names are in `BACKENDS`.
+`backend` (one of `BACKENDS`) forces one implementation per call: "reference" (with cameras)
+and "sdpa_math" are the CPU-exact paths tests use, "triton" the fused kernels even on CPU (under
+the Triton interpreter), "flash_attn" / "sdpa_*" one plain-attention backend. Nothing is global:
+every choice travels with the call.
 """
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib.util
 import math
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Optional
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from kernels.prope_ref import prope_attention_ref
+from kernels.prope.configs import PRoPEKernels
+from kernels.prope.reference import prope_attention_ref
 
-__all__ = ["PRoPECameras", "attention", "use_backend", "BACKENDS", "current_backend"]
+__all__ = ["PRoPECameras", "attention", "prope_attention", "BACKENDS", "flash_attn_available"]
 
 BACKENDS = ("auto", "reference", "triton", "flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn",
             "sdpa_math")
-_forced: Optional[str] = None
 
 
 @dataclass(frozen=True)
@@ -45,23 +50,6 @@ class PRoPECameras:
     K: Tensor
     patches: tuple[int, int]
     image_size: tuple[int, int]
-
-
-@contextlib.contextmanager
-def use_backend(name: str) -> Iterator[None]:
-    """Force an attention backend inside the block (e.g. "reference", "sdpa_math")."""
-    global _forced
-    if name not in BACKENDS:
-        raise ValueError(f"unknown attention backend {name!r}; choose from {', '.join(BACKENDS)}")
-    prev, _forced = _forced, (None if name == "auto" else name)
-    try:
-        yield
-    finally:
-        _forced = prev
-
-
-def current_backend() -> str:
-    return _forced or "auto"
 
 
 @functools.lru_cache(maxsize=None)
@@ -88,15 +76,27 @@ def flash_attn_available() -> bool:
     return _flash_attn_func() is not None
 
 
-def _triton_prope():
+@functools.lru_cache(maxsize=None)
+def _fused_prope():
     try:
-        from kernels.prope_triton import prope_attention  # triton is optional at import
+        from kernels.prope.fused import prope_attention as fused  # triton is optional at import
     except ImportError:
         return None
-    return prope_attention
+    return fused
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: Optional[str]) -> Tensor:
+def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
+                    patches: tuple[int, int], image_size: tuple[int, int], *,
+                    kernels: Optional[PRoPEKernels] = None) -> Tensor:
+    """Fused PRoPE attention (kernels/prope/fused.py), or the reference where triton is not
+    importable; same arguments and result as `prope_attention_ref`."""
+    fused = _fused_prope()
+    if fused is None:
+        return prope_attention_ref(q, k, v, w2c, K, patches, image_size)
+    return fused(q, k, v, w2c, K, patches, image_size, kernels=kernels)
+
+
+def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     table = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
@@ -105,7 +105,7 @@ def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: Optional[str]) -> Tensor:
         with sdpa_kernel([table[backend]]):
             return F.scaled_dot_product_attention(q, k, v)
     if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # cuDNN is the faster backend on Hopper (gpu.md); flash is the fallback.
+        # cuDNN is the faster backend on Hopper (docs/gpu.md); flash is the fallback.
         with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
                           SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
             return F.scaled_dot_product_attention(q, k, v)
@@ -125,26 +125,31 @@ def _flash_attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     return o.transpose(1, 2)
 
 
-def attention(q: Tensor, k: Tensor, v: Tensor, cameras: Optional[PRoPECameras] = None) -> Tensor:
+def attention(q: Tensor, k: Tensor, v: Tensor, cameras: Optional[PRoPECameras] = None, *,
+              backend: str = "auto", prope_kernels: Optional[PRoPEKernels] = None) -> Tensor:
     """Softmax attention (scale 1/sqrt(d)) over N tokens; PRoPE when `cameras` is given.
 
-    q, k, v: (B, h, N, d) -> (B, h, N, d).
+    q, k, v: (B, h, N, d) -> (B, h, N, d). backend: one of `BACKENDS`; prope_kernels: the fused
+    PRoPE kernels to run (with cameras, on the fused path).
     """
-    backend = _forced
+    if backend not in BACKENDS:
+        raise ValueError(f"unknown attention backend {backend!r}; choose from "
+                         f"{', '.join(BACKENDS)}")
+    if prope_kernels is not None and not isinstance(prope_kernels, PRoPEKernels):
+        raise TypeError(f"prope_kernels must be a PRoPEKernels or None, got "
+                        f"{type(prope_kernels).__name__}")
     if cameras is not None:
-        # The fused kernel itself falls back to the reference where it does not apply
+        # The fused kernels themselves fall back to the reference where they do not apply
         # (CPU without the Triton interpreter, float64, unsupported head dims).
         args = (q, k, v, cameras.w2c, cameras.K, cameras.patches, cameras.image_size)
-        if backend in (None, "triton") and (q.is_cuda or backend == "triton"):
-            fused = _triton_prope()
-            if fused is not None:
-                return fused(*args)
-            if backend == "triton":
-                raise RuntimeError("attention backend 'triton' forced but kernels.prope_triton "
+        if backend == "triton" or (backend == "auto" and q.is_cuda):
+            if backend == "triton" and _fused_prope() is None:
+                raise RuntimeError("attention backend 'triton' forced but kernels.prope.fused "
                                    "is not importable")
+            return prope_attention(*args, kernels=prope_kernels)
         return prope_attention_ref(*args)
     if backend == "flash_attn" or (
-        backend is None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+        backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and flash_attn_available()
     ):
         return _flash_attn(q, k, v)

@@ -4,8 +4,8 @@ import math
 import pytest
 import torch
 
-from kernels import PRoPECameras, attention, prope_attention_ref, use_backend
-from kernels.prope_ref import prope_matrices
+from kernels import BACKENDS, PRoPECameras, PRoPEKernels, attention, prope_attention_ref
+from kernels.prope.reference import prope_matrices, prope_transform, rope_tables
 from tests.geometry_utils import random_c2w, random_K, random_rotation
 
 
@@ -133,13 +133,24 @@ def test_gradcheck_float64():
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_low_precision_inputs_work(dtype):
+    """16-bit / fp32 inputs (cameras fp32): output in the input dtype, max error relative to
+    max |o| within the arithmetic's bound. Six roundings to dtype of unit roundoff u (q, k, v,
+    their transforms, the attention output) each move o by at most u; the scores s rounded
+    through q', k' (and in 16-bit SDPA) change each softmax weight by a factor exp(+-3u|s|), so
+    the weights (numerator and normaliser) by at most 6u max|s|; fp32 accumulation over d + N
+    terms adds (d + N) u_fp32."""
     q, k, v, w2c, K = make_inputs(d=16)
     ref = prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70))
     out = prope_attention_ref(q.to(dtype), k.to(dtype), v.to(dtype), w2c.float(), K.float(),
                               (3, 5), (42, 70))
     assert out.dtype == dtype
-    tol = {torch.bfloat16: 0.1, torch.float16: 0.02, torch.float32: 1e-4}[dtype]
-    assert (out.double() - ref).abs().max() < tol * ref.abs().max()
+    P, P_inv = prope_matrices(w2c, K, (42, 70), torch.float64)
+    tables = rope_tables((3, 5), 16, torch.float64)
+    scores = (prope_transform(q, P, tables, 3, transpose=True)
+              @ prope_transform(k, P_inv, tables, 3).transpose(-1, -2)) / math.sqrt(16)
+    u = torch.finfo(dtype).eps / 2
+    tol = u * (6 + 6 * scores.abs().max().item()) + (16 + 45) * torch.finfo(torch.float32).eps / 2
+    assert (out.double() - ref).abs().max() <= tol * ref.abs().max()
 
 
 def test_shape_errors_name_the_argument():
@@ -157,12 +168,21 @@ def test_shape_errors_name_the_argument():
 def test_attention_entry_point_dispatch():
     q, k, v, w2c, K = make_inputs(dtype=torch.float32)
     cams = PRoPECameras(w2c.float(), K.float(), (3, 5), (42, 70))
-    torch.testing.assert_close(attention(q, k, v, cams),
-                               prope_attention_ref(q, k, v, w2c.float(), K.float(), (3, 5), (42, 70)))
+    ref = prope_attention_ref(q, k, v, w2c.float(), K.float(), (3, 5), (42, 70))
+    for backend in ("auto", "reference"):   # CPU: the reference, whatever the kernel choice
+        got = attention(q, k, v, cams, backend=backend, prope_kernels=PRoPEKernels(forward="ws"))
+        torch.testing.assert_close(got, ref, rtol=0, atol=0)
     plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16), -1) @ v
     for backend in ("auto", "sdpa", "sdpa_math"):
-        with use_backend(backend):
-            torch.testing.assert_close(attention(q, k, v), plain, atol=1e-5, rtol=1e-5)
-    with pytest.raises(ValueError, match="unknown attention backend 'fa9'"):
-        with use_backend("fa9"):
-            pass
+        torch.testing.assert_close(attention(q, k, v, backend=backend), plain, atol=1e-5,
+                                   rtol=1e-5)
+
+
+def test_attention_entry_point_errors_name_the_bad_value():
+    q = torch.zeros(1, 1, 4, 16)
+    with pytest.raises(ValueError, match="unknown attention backend 'fa9'; choose from auto, "
+                                         "reference, triton"):
+        attention(q, q, q, backend="fa9")
+    with pytest.raises(TypeError, match="prope_kernels must be a PRoPEKernels or None, got str"):
+        attention(q, q, q, prope_kernels="ws")
+    assert BACKENDS[0] == "auto" and len(set(BACKENDS)) == len(BACKENDS)

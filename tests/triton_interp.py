@@ -1,10 +1,11 @@
-"""Shared pieces of the Triton kernel tests: the interpreter switch and its subprocess runner,
-the relative error, and the GPU cases' inputs and "at most twice the reference's error" check.
+"""Shared pieces of the PRoPE kernel tests: the interpreter switch and its subprocess runner, the
+relative error, and the GPU cases' "error at most twice the reference's" check.
 
 Triton decides compiled vs interpreted when it is first imported, so a kernel test file's
-interpreter cases (names starting `test_interp_`, marked `interp`) run in-process only when the
-process started with TRITON_INTERPRET=1; `interpreter_subprocess_test(__file__)` makes the test
-that reruns them in a fresh process that has it (robust to whatever the suite imported first).
+interpreter cases (names starting `test_interp_`, decorated `interp`) run in-process only when
+the process started with TRITON_INTERPRET=1; `interpreter_subprocess_test(__file__)` makes the
+test that reruns them in a fresh process that has it (robust to whatever the suite imported
+first). Both are marked `slow` (the interpreter runs the kernels element by element).
 """
 import os
 import subprocess
@@ -14,12 +15,22 @@ from pathlib import Path
 import pytest
 import torch
 
-from kernels import prope_attention_ref, prope_triton
-from tests.test_prope_ref import make_inputs
+from kernels.benchmarking import rel_error as rel
+from kernels.prope import core
+from kernels.prope.bench import float64_errors, outputs_and_grads, random_inputs
+from kernels.prope.reference import prope_attention_ref
 
-ON_INTERPRETER = prope_triton.interpreted()
-interp = pytest.mark.skipif(not ON_INTERPRETER, reason="interpreter cases run in a subprocess "
-                            "(test_interpreter_cases_in_subprocess)")
+ON_INTERPRETER = core.interpreted()
+
+__all__ = ["ON_INTERPRETER", "interp", "interpreter_subprocess_test", "rel", "gpu_case",
+           "assert_within_twice", "assert_errors_within_twice"]
+
+
+def interp(fn):
+    """An interpreter case: runs where this process interprets, else in the subprocess test."""
+    fn = pytest.mark.skipif(not ON_INTERPRETER, reason="interpreter cases run in a subprocess "
+                            "(test_interpreter_cases_in_subprocess)")(fn)
+    return pytest.mark.slow(fn)
 
 
 def interpreter_subprocess_test(test_file: str):
@@ -27,6 +38,7 @@ def interpreter_subprocess_test(test_file: str):
     a fresh pytest process and fails with its output unless they all pass (none skipped)."""
     path = Path(test_file).resolve()
 
+    @pytest.mark.slow
     @pytest.mark.skipif(ON_INTERPRETER or torch.cuda.is_available(),
                         reason="already interpreted in-process / GPU present")
     def test_interpreter_cases_in_subprocess():
@@ -43,11 +55,6 @@ def interpreter_subprocess_test(test_file: str):
     return test_interpreter_cases_in_subprocess
 
 
-def rel(a, b) -> float:
-    """Relative error ||a - b|| / ||b|| in float64."""
-    return ((a.double() - b.double()).norm() / b.double().norm()).item()
-
-
 def assert_within_twice(names, got, base, want) -> None:
     """Each got[i] finite and its error against the float64 want[i] at most twice that of
     base[i] (the PyTorch reference run in the same dtype)."""
@@ -57,14 +64,25 @@ def assert_within_twice(names, got, base, want) -> None:
         assert rel(a, w) <= 2 * rel(b, w) + 1e-6, f"{name}: {rel(a, w):.2e} vs ref {rel(b, w):.2e}"
 
 
-def gpu_forward_case(dtype, d, V, patches):
-    """Inputs of a 16-bit GPU forward case (B 2, 3 heads): (q, k, v on CUDA in dtype, the cameras
-    as `prope_attention` takes them, the float64 reference output). fp16 at d > 64 is skipped:
-    it runs the reference."""
+def gpu_case(dtype, d, V, patches, B=2, h=3):
+    """A 16-bit GPU case: (q, k, v float64 on CUDA, cameras (w2c, K fp32, patches, image)).
+    fp16 at d > 64 is skipped: the fused path runs the reference there."""
     if dtype == torch.float16 and d > 64:
         pytest.skip("fp16 at d > 64 uses the reference")
-    image = (14 * patches[0], 14 * patches[1])
-    q, k, v, w2c, K = make_inputs(B=2, h=3, V=V, patches=patches, d=d, image=image, seed=d + V)
-    cams = (w2c.cuda().float(), K.cuda().float(), patches, image)
-    want = prope_attention_ref(q, k, v, w2c, K, patches, image).cuda()
-    return [t.to("cuda", dtype) for t in (q, k, v)], cams, want
+    q, k, v, w2c, K, patches, image = random_inputs(B, h, d, V, patches, torch.float64, "cuda",
+                                                    seed=d + V)
+    return q, k, v, (w2c, K, patches, image)
+
+
+def assert_errors_within_twice(fn, dtype, q, k, v, cam, grad=True) -> dict:
+    """fn's output (and with `grad`, its gradients for one random do) in dtype: finite, error
+    against the float64 reference at most twice that of the reference run in dtype."""
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1),
+                     dtype=torch.float64).to(q.device) if grad else None
+    want = outputs_and_grads(prope_attention_ref, q, k, v, cam, do, torch.float64)
+    got = float64_errors(fn, q, k, v, cam, do, dtype, want)
+    base = float64_errors(prope_attention_ref, q, k, v, cam, do, dtype, want)
+    for name in got:
+        assert got[name] <= 2 * base[name] + 1e-6, \
+            f"{name}: {got[name]:.2e} vs ref {base[name]:.2e}"
+    return got

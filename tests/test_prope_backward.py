@@ -1,20 +1,25 @@
-"""Fused single-pass PRoPE backward (kernels/prope_triton_bwd.py) against the float64 reference.
+"""The one-kernel (atomic-dq) PRoPE backward (kernels/prope/backward.py `backward_atomic`)
+against the float64 reference; the two-kernel backward is tested through autograd in
+test_prope_fused.py.
 
 CPU: the Triton interpreter, fp32, dq / dk / dv within 1e-4 relative error of the float64
-autograd gradients of `prope_attention_ref`. As in test_prope_triton.py, the interpreter cases
-(`test_interp_` in their names) run in-process only when this process started with
-TRITON_INTERPRET=1; otherwise `test_interpreter_cases_in_subprocess` reruns them in a fresh
-process that has it.
+autograd gradients of `prope_attention_ref` (see test_prope_fused.py for the bound). As there,
+the interpreter cases run in-process only when this process started with TRITON_INTERPRET=1;
+otherwise `test_interpreter_cases_in_subprocess` reruns them in a fresh process that has it.
 GPU (marker `gpu`): bf16, error against float64 at most 2x that of the PyTorch reference run in
 bf16, with dq added per element and by TMA reduce-add.
 """
+from dataclasses import replace
 
 import pytest
 import torch
 
-from kernels import prope_attention_ref
-from kernels import prope_triton
-from kernels.prope_triton_bwd import FusedBwdConfig, backward_fused, dq_tma_available
+from kernels import PRoPEKernels, prope_attention_ref
+from kernels.prope.backward import backward_atomic, dq_tma_available
+from kernels.prope.bench import random_inputs
+from kernels.prope.configs import AtomicConfig, default_config
+from kernels.prope.core import geometry
+from kernels.prope.forward import forward_prepass
 from tests.test_prope_ref import make_inputs
 from tests.triton_interp import assert_within_twice, interp, interpreter_subprocess_test, rel
 
@@ -27,12 +32,14 @@ def strided(t, dtype, device):
     return t.detach().transpose(1, 2).contiguous().to(device, dtype).transpose(1, 2)
 
 
-def fused_grads(q, k, v, w2c, K, patches, image, do, dtype, device, dq_tma=None, cfg=None):
+def atomic_grads(q, k, v, w2c, K, patches, image, do, dtype, device, cfg=None):
+    """backward_atomic's (dq, dk, dv) after the pre-pass forward; each in its input's dtype and
+    strides."""
     ins = [strided(t, dtype, device) for t in (q, k, v)]
-    g = prope_triton._geometry(w2c.to(device, torch.float32), K.to(device, torch.float32),
-                               patches, image, q.shape[-1], device)
-    o, lse = prope_triton._forward(*ins, g)
-    grads = backward_fused(*ins, o, lse, do.to(device, dtype), g, cfg=cfg, dq_tma=dq_tma)
+    g = geometry(w2c.to(device, torch.float32), K.to(device, torch.float32), patches, image,
+                 q.shape[-1], device)
+    o, lse = forward_prepass(*ins, g)
+    grads = backward_atomic(*ins, o, lse, do.to(device, dtype), g, PRoPEKernels(atomic=cfg))
     for a, x in zip(grads, ins):
         assert a.shape == x.shape and a.stride() == x.stride() and a.dtype == dtype
     return grads
@@ -47,18 +54,17 @@ def reference_grads(q, k, v, w2c, K, patches, image, do, dtype=torch.float64, de
 
 
 @interp
-@pytest.mark.parametrize("dq_t", [False, True])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
-def test_interp_fused_backward_matches_reference(d, V, patches, dq_t):
+def test_interp_atomic_backward_matches_reference(d, V, patches):
     """3 views of 3x5 (N = 45: 3 blocks of 16, the last masked) and 2 views of 5x7 (N = 70:
     5 blocks, the last masked); random cameras; every head dim (48 runs padded to 64); B = 2
-    with (B, N, h, d) inputs viewed as (B, h, N, d); dq' as dst^T k' and as (k'^T dst)^T."""
+    with (B, N, h, d) inputs viewed as (B, h, N, d)."""
     image = (14 * patches[0], 14 * patches[1])
     q, k, v, w2c, K = make_inputs(B=2, h=1, V=V, patches=patches, d=d, image=image, seed=d + V)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = fused_grads(q, k, v, w2c, K, patches, image, do, torch.float32, "cpu",
-                      cfg=FusedBwdConfig(16, 16, 1, 1, dq_t))
+    got = atomic_grads(q, k, v, w2c, K, patches, image, do, torch.float32, "cpu",
+                       cfg=AtomicConfig(16, 16, 1, 1))
     want = reference_grads(q, k, v, w2c, K, patches, image, do)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), name
@@ -70,10 +76,9 @@ def test_interp_tma_path_needs_a_gpu():
     q, k, v, w2c, K = make_inputs(B=1, h=1, V=1, patches=(2, 2), d=16, image=(28, 28),
                                   dtype=torch.float32)
     assert not dq_tma_available(q)
-    g = prope_triton._geometry(w2c, K, (2, 2), (28, 28), 16, "cpu")
-    o, lse = prope_triton._forward(q, k, v, g)
-    with pytest.raises(ValueError, match="dq_tma=True"):
-        backward_fused(q, k, v, o, lse, torch.ones_like(o), g, dq_tma=True)
+    with pytest.raises(ValueError, match=r"AtomicConfig\(dq_tma=True\) needs a compiled"):
+        atomic_grads(q, k, v, w2c, K, (2, 2), (28, 28), torch.ones_like(q), torch.float32, "cpu",
+                     cfg=AtomicConfig(16, 16, 1, 1, dq_tma=True))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -86,10 +91,11 @@ def test_interp_tma_path_needs_a_gpu():
 def test_gpu_bf16_error_at_most_twice_reference(dq_tma, d, V, patches):
     if dq_tma and not dq_tma_available(torch.empty(1, device="cuda")):
         pytest.skip("no TMA reduce-add here (compute capability < 9 or old triton)")
-    image = (14 * patches[0], 14 * patches[1])
-    q, k, v, w2c, K = make_inputs(B=2, h=3, V=V, patches=patches, d=d, image=image, seed=d + V)
+    q, k, v, w2c, K, patches, image = random_inputs(2, 3, d, V, patches, torch.float64, "cpu",
+                                                    seed=d + V)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = fused_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda", dq_tma)
+    cfg = replace(default_config("atomic", d), dq_tma=dq_tma)
+    got = atomic_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda", cfg)
     want = reference_grads(q, k, v, w2c, K, patches, image, do)
     base = reference_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda")
     assert_within_twice(("dq", "dk", "dv"), got, base, want)
@@ -98,11 +104,10 @@ def test_gpu_bf16_error_at_most_twice_reference(dq_tma, d, V, patches):
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [48, 64])
 def test_gpu_float32(d):
-    patches, V = (6, 7), 3
-    image = (84, 98)
-    q, k, v, w2c, K = make_inputs(B=1, h=2, V=V, patches=patches, d=d, image=image, seed=7)
+    q, k, v, w2c, K, patches, image = random_inputs(1, 2, d, 3, (6, 7), torch.float64, "cpu",
+                                                    seed=7)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    got = fused_grads(q, k, v, w2c, K, patches, image, do, torch.float32, "cuda")
+    got = atomic_grads(q, k, v, w2c, K, patches, image, do, torch.float32, "cuda")
     want = reference_grads(q, k, v, w2c, K, patches, image, do)
     for a, b in zip(got, want):
         assert rel(a, b.cuda()) <= 1e-4

@@ -1,6 +1,6 @@
 """PRoPE (projective positional encoding) attention in plain PyTorch: the reference.
 
-Math (reference.md section 3). Per camera c with pixel intrinsics K (image H x W) and
+Math (docs/reference.md section 3). Per camera c with pixel intrinsics K (image H x W) and
 world-to-camera T:
     K_n = [[fx/W, 0, cx/W - 1/2], [0, fy/H, cy/H - 1/2], [0, 0, 1]],   P_c = lift(K_n) T.
 Per token t (camera c, patch row y, column x; tokens ordered view, row, column) and head dim d:
