@@ -70,8 +70,8 @@ def flash_attn_4():
 
 
 def backends(names=(), base: PRoPEKernels = PRoPEKernels()) -> dict:
-    """Backend name -> fn(q, k, v, w2c, K, patches, image), or -> why it is unavailable; `names`
-    (default all) limits the optional imports; `base`: the fused kernels' choice (a sweep's)."""
+    """Backend name -> fn(q, k, v, w2c, K, patches, image), or -> why it is unavailable, for
+    `names` in their order (default all); `base`: the fused kernels' choice (a sweep's)."""
     def sdpa(kind):
         def f(q, k, v, *cam):
             with sdpa_kernel([kind]):
@@ -92,7 +92,7 @@ def backends(names=(), base: PRoPEKernels = PRoPEKernels()) -> dict:
         out["flash_attn"] = lambda q, k, v, *cam: attention(q, k, v, backend="flash_attn")
     if not names or "flash_attn_4" in names:
         out["flash_attn_4"] = flash_attn_4()
-    return {n: f for n, f in out.items() if not names or n in names}
+    return {n: out[n] for n in (names or out) if n in out}   # in the order asked for
 
 
 def run_backend(fn, q, k, v, cam, flop) -> dict:

@@ -23,6 +23,7 @@ cameras (w2c, K).
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import replace
 from typing import Optional
 
@@ -38,6 +39,14 @@ from kernels.prope.reference import check_prope_inputs, prope_attention_ref
 
 __all__ = ["prope_attention", "resolve"]
 
+_DEFAULT = PRoPEKernels()
+
+
+@functools.lru_cache(maxsize=64)
+def _concrete(kernels: PRoPEKernels, forward: str, backward: str) -> PRoPEKernels:
+    # cached: a call's host time counts at short sequences (0.45 ms of kernels)
+    return replace(kernels, forward=forward, backward=backward)
+
 
 def resolve(kernels: Optional[PRoPEKernels], q: Tensor, grad: bool) -> Optional[PRoPEKernels]:
     """The kernels a call with query q runs: `kernels` (None: the defaults) with its "auto"
@@ -45,7 +54,7 @@ def resolve(kernels: Optional[PRoPEKernels], q: Tensor, grad: bool) -> Optional[
     whether the call records a graph for a backward. None when the fused kernels do not take q
     (the reference runs). A forced "ws" forward where it cannot run is a ValueError."""
     if kernels is None:
-        kernels = PRoPEKernels()
+        kernels = _DEFAULT
     elif not isinstance(kernels, PRoPEKernels):
         raise TypeError(f"kernels must be a PRoPEKernels or None, got {type(kernels).__name__}")
     if not supported(q):
@@ -59,7 +68,7 @@ def resolve(kernels: Optional[PRoPEKernels], q: Tensor, grad: bool) -> Optional[
                          f"{q.device} (use 'auto' or 'prepass')")
     if backward == "auto":
         backward = "atomic" if q.shape[-1] == 64 and dq_tma_available(q) else "two_kernel"
-    return replace(kernels, forward=forward, backward=backward)
+    return _concrete(kernels, forward, backward)
 
 
 def _forward(kernels: PRoPEKernels, q: Tensor, k: Tensor, v: Tensor,
