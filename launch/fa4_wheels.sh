@@ -38,8 +38,9 @@
 # nvidia_cutlass_dsl/dsl_packages/, which pip puts on sys.path through a .pth file; .pth files
 # are only read in site directories, not in PYTHONPATH entries, hence the second PYTHONPATH entry.
 # Checked on CPU with CPython 3.12 and torch 2.10: both calls' unpacking, pip and cp, then
-# `import flash_attn.cute` and `profile_kernels.py --list` (flash_attn_4: available); without the
-# dsl_packages entry the import fails with "No module named 'cutlass'".
+# `import flash_attn.cute` (profile_kernels.py --list, which says whether flash_attn_4 imports,
+# needs the GPU machine); without the dsl_packages entry the import fails with "No module named
+# 'cutlass'".
 # The script adds /.fa4a/, /.fa4b/ and /.fa4site/ to .git/info/exclude so none is ever committed.
 set -euo pipefail
 top=$(git rev-parse --show-toplevel)
