@@ -30,9 +30,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.prope.configs import PRoPEKernels
-from kernels.prope.reference import prope_attention_ref
+from kernels.prope.reference import CONVENTIONS, check_convention, prope_attention_ref
 
-__all__ = ["PRoPECameras", "attention", "prope_attention", "BACKENDS", "flash_attn_available"]
+__all__ = ["PRoPECameras", "attention", "prope_attention", "BACKENDS", "CONVENTIONS",
+           "flash_attn_available"]
 
 BACKENDS = ("auto", "reference", "triton", "flash_attn", "sdpa", "sdpa_flash", "sdpa_cudnn",
             "sdpa_math")
@@ -43,13 +44,19 @@ class PRoPECameras:
     """Cameras of the V views whose tokens an attention call mixes.
 
     w2c: (B, V, 4, 4) OpenCV world-to-camera; K: (B, V, 3, 3) pixel intrinsics;
-    patches: (ph, pw) token grid per view; image_size: (H, W) in pixels.
+    patches: (ph, pw) token grid per view; image_size: (H, W) in pixels; convention: PRoPE's
+    key/value matrix, "textbook" (P^-1) or "release" (T^-1 lift(K_n), the published GLD
+    weights'; kernels/prope/reference.py).
     """
 
     w2c: Tensor
     K: Tensor
     patches: tuple[int, int]
     image_size: tuple[int, int]
+    convention: str = "textbook"
+
+    def __post_init__(self):
+        check_convention(self.convention, "PRoPECameras")
 
 
 @functools.lru_cache(maxsize=None)
@@ -87,13 +94,14 @@ def _fused_prope():
 
 def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
                     patches: tuple[int, int], image_size: tuple[int, int], *,
-                    kernels: Optional[PRoPEKernels] = None) -> Tensor:
+                    kernels: Optional[PRoPEKernels] = None,
+                    convention: str = "textbook") -> Tensor:
     """Fused PRoPE attention (kernels/prope/fused.py), or the reference where triton is not
     importable; same arguments and result as `prope_attention_ref`."""
     fused = _fused_prope()
     if fused is None:
-        return prope_attention_ref(q, k, v, w2c, K, patches, image_size)
-    return fused(q, k, v, w2c, K, patches, image_size, kernels=kernels)
+        return prope_attention_ref(q, k, v, w2c, K, patches, image_size, convention=convention)
+    return fused(q, k, v, w2c, K, patches, image_size, kernels=kernels, convention=convention)
 
 
 def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
@@ -146,8 +154,8 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cameras: Optional[PRoPECameras] =
             if backend == "triton" and _fused_prope() is None:
                 raise RuntimeError("attention backend 'triton' forced but kernels.prope.fused "
                                    "is not importable")
-            return prope_attention(*args, kernels=prope_kernels)
-        return prope_attention_ref(*args)
+            return prope_attention(*args, kernels=prope_kernels, convention=cameras.convention)
+        return prope_attention_ref(*args, convention=cameras.convention)
     if backend == "flash_attn" or (
         backend == "auto" and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
         and flash_attn_available()

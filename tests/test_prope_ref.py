@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from kernels import BACKENDS, PRoPECameras, PRoPEKernels, attention, prope_attention_ref
-from kernels.prope.reference import prope_matrices, prope_transform, rope_tables
+from kernels import (BACKENDS, PRoPECameras, PRoPEKernels, attention, prope_attention,
+                     prope_attention_ref)
+from kernels.prope.reference import CONVENTIONS, prope_matrices, prope_transform, rope_tables
 from tests.geometry_utils import random_c2w, random_K, random_rotation
 
 
@@ -19,8 +20,9 @@ def make_inputs(B=2, h=2, V=3, patches=(3, 5), d=16, image=(42, 70), dtype=torch
     return q, k, v, w2c, K
 
 
-def explicit_D(w2c, K, patches, image, d):
-    """(B, N, d, d) D_t = blockdiag(I_{d/8} (x) P_c, R(x)^T, R(y)^T), built from scratch."""
+def explicit_mats(w2c, K, image, convention="textbook"):
+    """(P, A) (B, V, 4, 4) from scratch: P = lift(K_n) T; the key/value matrix A = P^-1
+    (textbook) or (lift(K_n)^-1 T)^-1 (release: T^-1 lift(K_n)), by 4x4 inverses."""
     H, W = image
     B, V = w2c.shape[:2]
     Kn = K.clone()
@@ -32,6 +34,16 @@ def explicit_D(w2c, K, patches, image, d):
     lift[..., :3, :3] = Kn
     lift[..., 3, 3] = 1
     P = lift @ w2c
+    if convention == "textbook":
+        return P, torch.linalg.inv(P)
+    return P, torch.linalg.inv(torch.linalg.inv(lift) @ w2c)
+
+
+def explicit_D(w2c, K, patches, image, d, convention="textbook"):
+    """(B, N, d, d) each: D_t = blockdiag(I_{d/8} (x) P_c, R(x)^T, R(y)^T) and the key/value map
+    E_t = blockdiag(I_{d/8} (x) A_c, R(x), R(y)) (textbook: E_t = D_t^-1), built from scratch."""
+    B, V = w2c.shape[:2]
+    P, A = explicit_mats(w2c, K, image, convention)
     nf = d // 8
     freq = torch.tensor([100.0 ** (-f / nf) for f in range(nf)], dtype=torch.float64)
 
@@ -40,23 +52,25 @@ def explicit_D(w2c, K, patches, image, d):
         return torch.cat([torch.cat([c, s], 1), torch.cat([-s, c], 1)], 0)
 
     ph, pw = patches
-    Ds = []
+    Ds, Es = [], []
+    eye = torch.eye(d // 8, dtype=torch.float64)
     for b in range(B):
         for c in range(V):
             for y in range(ph):
                 for x in range(pw):
-                    proj = torch.kron(torch.eye(d // 8, dtype=torch.float64), P[b, c])
-                    Ds.append(torch.block_diag(proj, R(x).T, R(y).T))
-    return torch.stack(Ds).reshape(B, V * ph * pw, d, d)
+                    Ds.append(torch.block_diag(torch.kron(eye, P[b, c]), R(x).T, R(y).T))
+                    Es.append(torch.block_diag(torch.kron(eye, A[b, c].contiguous()), R(x), R(y)))
+    return (torch.stack(Ds).reshape(B, V * ph * pw, d, d),
+            torch.stack(Es).reshape(B, V * ph * pw, d, d))
 
 
-def explicit_prope(q, k, v, w2c, K, patches, image):
+def explicit_prope(q, k, v, w2c, K, patches, image, convention="textbook"):
+    """q' = D^T q, k' = E k, v' = E v per token, plain softmax attention, o = D o'."""
     d = q.shape[-1]
-    D = explicit_D(w2c, K, patches, image, d)[:, None]  # (B, 1, N, d, d)
-    Dinv = torch.linalg.inv(D)
+    D, E = (m[:, None] for m in explicit_D(w2c, K, patches, image, d, convention))
     qp = (D.transpose(-1, -2) @ q[..., None])[..., 0]
-    kp = (Dinv @ k[..., None])[..., 0]
-    vp = (Dinv @ v[..., None])[..., 0]
+    kp = (E @ k[..., None])[..., 0]
+    vp = (E @ v[..., None])[..., 0]
     att = torch.softmax(qp @ kp.transpose(-1, -2) / math.sqrt(d), dim=-1)
     return (D @ (att @ vp)[..., None])[..., 0]
 
@@ -77,6 +91,79 @@ def test_closed_form_inverse():
     P, P_inv = prope_matrices(w2c, K, (42, 70), torch.float64)
     torch.testing.assert_close(P @ P_inv, torch.eye(4, dtype=torch.float64).expand_as(P),
                                atol=1e-12, rtol=0)
+
+
+@pytest.mark.parametrize("convention", ["textbook", "release"])
+def test_closed_form_matrices_match_4x4_inverses(convention):
+    _, _, _, w2c, K = make_inputs()
+    want = explicit_mats(w2c, K, (42, 70), convention)
+    got = prope_matrices(w2c, K, (42, 70), torch.float64, convention)
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, atol=1e-12, rtol=1e-12)
+    assert torch.equal(got[0], prope_matrices(w2c, K, (42, 70), torch.float64)[0])
+
+
+@pytest.mark.parametrize("convention", ["textbook", "release"])
+@pytest.mark.parametrize("d,patches,V", [(16, (3, 5), 3), (48, (2, 3), 2)])
+def test_conventions_match_explicit_outputs_and_gradients(convention, d, patches, V):
+    """Output and dq, dk, dv (autograd through each) of the reference against the per-token
+    float64 construction; float64 throughout, so to 1e-10."""
+    image = (14 * patches[0], 14 * patches[1])
+    q, k, v, w2c, K = make_inputs(V=V, patches=patches, d=d, image=image, seed=d)
+    do = torch.randn(q.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    results = []
+    for fn in (explicit_prope, prope_attention_ref):
+        ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+        o = fn(*ins, w2c, K, patches, image, convention=convention)
+        o.backward(do)
+        results.append([o.detach()] + [t.grad for t in ins])
+    for name, a, b in zip(("o", "dq", "dk", "dv"), results[1], results[0]):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-10, msg=name)
+
+
+def test_release_convention_differs_and_textbook_is_the_default():
+    q, k, v, w2c, K = make_inputs()
+    out = prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70))
+    assert torch.equal(out, prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70),
+                                                convention="textbook"))
+    rel = prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70), convention="release")
+    assert (rel - out).abs().max() > 1e-3 * out.abs().max()
+
+
+def test_release_gradients_follow_the_transposed_key_value_matrix():
+    """3 views of one patch, d = 8 (RoPE angles 0: only the camera part acts): per token of
+    camera c, q' = P_c^T q, k' = A_c k, v' = A_c v, o = P_c o', so dq = P_c dq',
+    dk = A_c^T dk', dv = A_c^T dv' with dq', dk', dv' plain attention's gradients."""
+    q, k, v, w2c, K = make_inputs(B=1, h=1, V=3, patches=(1, 1), d=8, image=(14, 14))
+    P, A = prope_matrices(w2c, K, (14, 14), torch.float64, "release")
+    ins = [t.clone().requires_grad_(True) for t in (q, k, v)]
+    o = prope_attention_ref(*ins, w2c, K, (1, 1), (14, 14), convention="release")
+    do = torch.randn(o.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    o.backward(do)
+
+    def per_token(x, M):   # x (1, 1, 3, 8): token t's two 4-chunks times M[t]; RoPE half kept
+        cam = torch.einsum("tij,bhtj->bhti", M[0], x[..., :4])
+        return torch.cat([cam, x[..., 4:]], -1)
+    primed = [per_token(q, P.transpose(-1, -2)), per_token(k, A), per_token(v, A)]
+    primed = [t.clone().requires_grad_(True) for t in primed]
+    op = torch.softmax(primed[0] @ primed[1].transpose(-1, -2) / math.sqrt(8), -1) @ primed[2]
+    per_token(op, P).backward(do)
+    At = A.transpose(-1, -2)
+    for got, want in zip((t.grad for t in ins), (per_token(primed[0].grad, P),
+                                                 per_token(primed[1].grad, At),
+                                                 per_token(primed[2].grad, At))):
+        torch.testing.assert_close(got, want, atol=1e-10, rtol=1e-10)
+
+
+def test_convention_errors_name_the_value_and_choices():
+    q, k, v, w2c, K = make_inputs()
+    with pytest.raises(ValueError, match="PRoPECameras: convention='paper'; choose one of "
+                                         "'textbook', 'release'"):
+        PRoPECameras(w2c, K, (3, 5), (42, 70), convention="paper")
+    with pytest.raises(ValueError, match="prope_attention: convention='Release'"):
+        prope_attention_ref(q, k, v, w2c, K, (3, 5), (42, 70), convention="Release")
+    with pytest.raises(ValueError, match="prope_matrices: convention='x'"):
+        prope_matrices(w2c, K, (42, 70), convention="x")
 
 
 def test_invariant_to_one_rigid_transform_of_all_cameras():
@@ -172,6 +259,14 @@ def test_attention_entry_point_dispatch():
     for backend in ("auto", "reference"):   # CPU: the reference, whatever the kernel choice
         got = attention(q, k, v, cams, backend=backend, prope_kernels=PRoPEKernels(forward="ws"))
         torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    for convention in CONVENTIONS:   # the cameras' convention reaches every path
+        cams_c = PRoPECameras(w2c.float(), K.float(), (3, 5), (42, 70), convention=convention)
+        want = prope_attention_ref(q, k, v, w2c.float(), K.float(), (3, 5), (42, 70),
+                                   convention=convention)
+        for got in (attention(q, k, v, cams_c, backend="reference"),
+                    prope_attention(q, k, v, w2c.float(), K.float(), (3, 5), (42, 70),
+                                    convention=convention)):
+            torch.testing.assert_close(got, want, rtol=0, atol=0)
     plain = torch.softmax(q @ k.transpose(-1, -2) / math.sqrt(16), -1) @ v
     # both fp32, summing over d = 16 and N = 45 terms: within (d + N) u = 3.6e-6 (u = 2^-24)
     # of each other relative to |o|; 1e-5 leaves room for the softmax's exp

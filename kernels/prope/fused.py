@@ -35,7 +35,7 @@ from kernels.prope.configs import PRoPEKernels
 from kernels.prope.core import Geometry, dense, geometry, supported
 from kernels.prope.forward import forward_prepass
 from kernels.prope.forward_ws import forward_ws, ws_supported
-from kernels.prope.reference import check_prope_inputs, prope_attention_ref
+from kernels.prope.reference import check_convention, check_prope_inputs, prope_attention_ref
 
 __all__ = ["prope_attention", "resolve"]
 
@@ -99,19 +99,25 @@ class _PRoPEAttention(torch.autograd.Function):
 
 def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
                     patches: tuple[int, int], image_size: tuple[int, int], *,
-                    kernels: Optional[PRoPEKernels] = None) -> Tensor:
+                    kernels: Optional[PRoPEKernels] = None,
+                    convention: str = "textbook") -> Tensor:
     """Fused PRoPE attention; same arguments and result as `prope_attention_ref`.
 
     q, k, v: (B, h, N, d), N = V * ph * pw tokens ordered (view, row, column);
     w2c: (B, V, 4, 4) OpenCV world-to-camera; K: (B, V, 3, 3) pixel intrinsics;
     patches: (ph, pw); image_size: (H, W) pixels; kernels: which kernels (None: `resolve`'s
-    defaults). Returns o: (B, h, N, d) in q's dtype.
+    defaults); convention: "textbook" or "release" (the key/value matrix, reference.py).
+    Returns o: (B, h, N, d) in q's dtype.
     """
     check_prope_inputs(q, k, v, w2c, K, patches, image_size)
+    check_convention(convention)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     chosen = resolve(kernels, q, grad)
-    if chosen is None or k.dtype != q.dtype or v.dtype != q.dtype:
-        return prope_attention_ref(q, k, v, w2c, K, patches, image_size)
+    # The kernels build the textbook key/value matrix only: the release convention runs the
+    # reference until they take it.
+    if (chosen is None or k.dtype != q.dtype or v.dtype != q.dtype
+            or convention != "textbook"):
+        return prope_attention_ref(q, k, v, w2c, K, patches, image_size, convention=convention)
     g = geometry(w2c, K, patches, image_size, q.shape[-1], q.device)
     if grad:
         return _PRoPEAttention.apply(q, k, v, g, chosen)

@@ -6,6 +6,9 @@ world-to-camera T:
 Per token t (camera c, patch row y, column x; tokens ordered view, row, column) and head dim d:
     D_t = blockdiag(I_{d/8} (x) P_c, R(x)^T, R(y)^T)
     q' = D_t^T q,  k' = D_t^-1 k,  v' = D_t^-1 v,  o' = softmax(q' k'^T / sqrt(d)) v',  o = D_t o'.
+Conventions (`CONVENTIONS`) differ only in the key/value camera matrix A_c that replaces P_c^-1
+in D_t^-1 (docs/release-facts.md): "textbook" A = P^-1 = T^-1 lift(K_n^-1); "release" (the
+published GLD weights) A = T^-1 lift(K_n). q, o and the RoPE part are the same in both.
 Channels [0, d/2) form d/8 chunks of 4 transformed by the camera matrix; [d/2, 3d/4) are
 rotated by the column index x and [3d/4, d) by the row index y, each quarter split into halves
 (a, b) with frequencies 100^(-f/(d/8)), f = 0..d/8-1:
@@ -27,10 +30,19 @@ from torch import Tensor
 
 __all__ = [
     "prope_attention_ref", "prope_matrices", "rope_tables", "prope_transform",
-    "check_prope_inputs", "compute_dtype",
+    "check_prope_inputs", "check_convention", "compute_dtype", "CONVENTIONS",
 ]
 
 ROPE_BASE = 100.0
+CONVENTIONS = ("textbook", "release")
+
+
+def check_convention(convention: str, where: str = "prope_attention") -> str:
+    """convention itself, or a ValueError naming it, `where`, and the choices."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"{where}: convention={convention!r}; choose one of "
+                         f"{', '.join(map(repr, CONVENTIONS))}")
+    return convention
 
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -65,11 +77,13 @@ def check_prope_inputs(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
 
 
 def prope_matrices(w2c: Tensor, K: Tensor, image_size: tuple[int, int],
-                   dtype: torch.dtype = torch.float32) -> tuple[Tensor, Tensor]:
-    """P = lift(K_n) w2c and its inverse in closed form, both (B, V, 4, 4) in `dtype`.
-
-    P^-1 = T^-1 lift(K_n^-1) with T^-1 = [R^T | -R^T t] (T rigid).
+                   dtype: torch.dtype = torch.float32,
+                   convention: str = "textbook") -> tuple[Tensor, Tensor]:
+    """(P, A), both (B, V, 4, 4) in `dtype`: P = lift(K_n) w2c and the key/value matrix A of the
+    convention in closed form, with T^-1 = [R^T | -R^T t] (T rigid):
+    "textbook" A = P^-1 = T^-1 lift(K_n^-1), "release" A = T^-1 lift(K_n).
     """
+    check_convention(convention, "prope_matrices")
     H, W = image_size
     T = w2c.to(dtype)
     Kd = K.to(dtype)
@@ -84,7 +98,7 @@ def prope_matrices(w2c: Tensor, K: Tensor, image_size: tuple[int, int],
     R, t = T[..., :3, :3], T[..., :3, 3:]
     Rt = R.transpose(-1, -2)
     T_inv = torch.cat([torch.cat([Rt, -Rt @ t], -1), T[..., 3:, :]], -2)
-    return lift_k @ T, T_inv @ lift_kinv
+    return lift_k @ T, T_inv @ (lift_kinv if convention == "textbook" else lift_k)
 
 
 def rope_tables(patches: tuple[int, int], d: int, dtype: torch.dtype = torch.float32,
@@ -112,8 +126,8 @@ def prope_transform(x: Tensor, mat: Tensor, tables: tuple[Tensor, ...], num_view
     """Apply one side of D_t to x (B, h, N, d) in the dtype of `mat`.
 
     The camera part multiplies each 4-channel chunk of token t by mat[c(t)] (or its transpose);
-    the RoPE part rotates forward or inverse. q: (P, transpose=True); k, v: (P^-1); o: (P,
-    inverse_rope=True).
+    the RoPE part rotates forward or inverse. q: (P, transpose=True); k, v: (A: P^-1 in the
+    textbook convention); o: (P, inverse_rope=True).
     """
     B, h, N, d = x.shape
     cos_x, sin_x, cos_y, sin_y = tables
@@ -128,7 +142,7 @@ def prope_transform(x: Tensor, mat: Tensor, tables: tuple[Tensor, ...], num_view
 
 def prope_attention_ref(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
                         patches: tuple[int, int], image_size: tuple[int, int],
-                        upcast: bool = False) -> Tensor:
+                        upcast: bool = False, convention: str = "textbook") -> Tensor:
     """PRoPE attention over all views' tokens.
 
     Args:
@@ -136,17 +150,19 @@ def prope_attention_ref(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
         w2c: (B, V, 4, 4) OpenCV world-to-camera.  K: (B, V, 3, 3) pixel intrinsics.
         patches: (ph, pw) patch grid of every view.  image_size: (H, W) in pixels.
         upcast: run the attention in the camera-math precision too (accuracy reference).
+        convention: "textbook" or "release" (the key/value matrix A, `prope_matrices`).
     Returns:
         o: (B, h, N, d) in q's dtype.
     """
     V = check_prope_inputs(q, k, v, w2c, K, patches, image_size)
+    check_convention(convention)
     d = q.shape[-1]
     cdt = compute_dtype(q.dtype)
-    P, P_inv = prope_matrices(w2c, K, image_size, cdt)
+    P, A = prope_matrices(w2c, K, image_size, cdt, convention)
     tables = rope_tables(patches, d, cdt, q.device)
     qp = prope_transform(q, P, tables, V, transpose=True)
-    kp = prope_transform(k, P_inv, tables, V)
-    vp = prope_transform(v, P_inv, tables, V)
+    kp = prope_transform(k, A, tables, V)
+    vp = prope_transform(v, A, tables, V)
     att_dtype = cdt if upcast else q.dtype
     op = F.scaled_dot_product_attention(qp.to(att_dtype), kp.to(att_dtype), vp.to(att_dtype),
                                         scale=1.0 / math.sqrt(d))
