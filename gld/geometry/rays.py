@@ -1,4 +1,4 @@
-"""Plücker ray embeddings (reference.md section 4).
+"""Plücker ray embeddings (docs/reference.md section 4).
 
 For OpenCV camera-to-world `c2w` and pixel intrinsics `K`, the ray through image point (u, v)
 has direction `d = normalize(R_c2w K^-1 [u, v, 1])` and origin `o` = the camera centre; its
