@@ -32,12 +32,13 @@ def strided(t, dtype, device):
     return t.detach().transpose(1, 2).contiguous().to(device, dtype).transpose(1, 2)
 
 
-def atomic_grads(q, k, v, w2c, K, patches, image, do, dtype, device, cfg=None):
+def atomic_grads(q, k, v, w2c, K, patches, image, do, dtype, device, cfg=None,
+                 convention="textbook"):
     """backward_atomic's (dq, dk, dv) after the pre-pass forward; each in its input's dtype and
     strides."""
     ins = [strided(t, dtype, device) for t in (q, k, v)]
     g = geometry(w2c.to(device, torch.float32), K.to(device, torch.float32), patches, image,
-                 q.shape[-1], device)
+                 q.shape[-1], device, convention)
     o, lse = forward_prepass(*ins, g)
     grads = backward_atomic(*ins, o, lse, do.to(device, dtype), g, PRoPEKernels(atomic=cfg))
     for a, x in zip(grads, ins):
@@ -45,18 +46,21 @@ def atomic_grads(q, k, v, w2c, K, patches, image, do, dtype, device, cfg=None):
     return grads
 
 
-def reference_grads(q, k, v, w2c, K, patches, image, do, dtype=torch.float64, device="cpu"):
+def reference_grads(q, k, v, w2c, K, patches, image, do, dtype=torch.float64, device="cpu",
+                    convention="textbook"):
     ins = [t.detach().to(device, dtype).clone().requires_grad_(True) for t in (q, k, v)]
     cam = torch.float64 if dtype == torch.float64 else torch.float32
-    r = prope_attention_ref(*ins, w2c.to(device, cam), K.to(device, cam), patches, image)
+    r = prope_attention_ref(*ins, w2c.to(device, cam), K.to(device, cam), patches, image,
+                            convention=convention)
     r.backward(do.to(device, dtype))
     return [t.grad for t in ins]
 
 
 @interp
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
-def test_interp_atomic_backward_matches_reference(d, V, patches):
+def test_interp_atomic_backward_matches_reference(d, V, patches, convention):
     """3 views of 3x5 (N = 45: 3 blocks of 16, the last masked) and 2 views of 5x7 (N = 70:
     5 blocks, the last masked); random cameras; every head dim (48 runs padded to 64); B = 2
     with (B, N, h, d) inputs viewed as (B, h, N, d)."""
@@ -64,8 +68,8 @@ def test_interp_atomic_backward_matches_reference(d, V, patches):
     q, k, v, w2c, K = make_inputs(B=2, h=1, V=V, patches=patches, d=d, image=image, seed=d + V)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     got = atomic_grads(q, k, v, w2c, K, patches, image, do, torch.float32, "cpu",
-                       cfg=AtomicConfig(16, 16, 1, 1))
-    want = reference_grads(q, k, v, w2c, K, patches, image, do)
+                       cfg=AtomicConfig(16, 16, 1, 1), convention=convention)
+    want = reference_grads(q, k, v, w2c, K, patches, image, do, convention=convention)
     for name, a, b in zip(("dq", "dk", "dv"), got, want):
         assert torch.isfinite(a).all(), name
         assert rel(a, b) <= 1e-4, f"{name}: relative error {rel(a, b):.2e}"
@@ -85,19 +89,22 @@ def test_interp_tma_path_needs_a_gpu():
 # GPU
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("dq_tma", [False, True])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (4, (9, 11)), (2, (18, 18))])
-def test_gpu_bf16_error_at_most_twice_reference(dq_tma, d, V, patches):
+def test_gpu_bf16_error_at_most_twice_reference(dq_tma, d, V, patches, convention):
     if dq_tma and not dq_tma_available(torch.empty(1, device="cuda")):
         pytest.skip("no TMA reduce-add here (compute capability < 9 or old triton)")
     q, k, v, w2c, K, patches, image = random_inputs(2, 3, d, V, patches, torch.float64, "cpu",
                                                     seed=d + V)
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     cfg = replace(default_config("atomic", d), dq_tma=dq_tma)
-    got = atomic_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda", cfg)
-    want = reference_grads(q, k, v, w2c, K, patches, image, do)
-    base = reference_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda")
+    got = atomic_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda", cfg,
+                       convention)
+    want = reference_grads(q, k, v, w2c, K, patches, image, do, convention=convention)
+    base = reference_grads(q, k, v, w2c, K, patches, image, do, torch.bfloat16, "cuda",
+                           convention)
     assert_within_twice(("dq", "dk", "dv"), got, base, want)
 
 

@@ -34,39 +34,41 @@ def _needs_hopper():
         pytest.skip("needs a Hopper GPU (sm_90)")
 
 
-def lse_float64(q, k, cam):
+def lse_float64(q, k, cam, convention="textbook"):
     """The log2-sum-exp (B, h, N) of the scores q' k'^T / sqrt(d), in float64."""
     w2c, K, patches, image = cam
     V, d = w2c.shape[1], q.shape[-1]
-    P, P_inv = prope_matrices(w2c.double(), K.double(), image, torch.float64)
+    P, A = prope_matrices(w2c.double(), K.double(), image, torch.float64, convention)
     tables = rope_tables(patches, d, torch.float64, q.device)
     s = (prope_transform(q.double(), P, tables, V, transpose=True)
-         @ prope_transform(k.double(), P_inv, tables, V).transpose(-1, -2))
+         @ prope_transform(k.double(), A, tables, V).transpose(-1, -2))
     return torch.logsumexp(s / math.sqrt(d), -1) / math.log(2)
 
 
-def _check_ws(dtype, d, V, patches, cfg=None):
+def _check_ws(dtype, d, V, patches, cfg=None, convention="textbook"):
     """forward_ws (launch config cfg; None: the default) within 2x the reference's error against
     float64, in q's dtype; its LSE within 2x the pre-pass forward's error."""
     _needs_hopper()
     q, k, v, cam = gpu_case(dtype, d, V, patches)
     ins = [t.to(dtype) for t in (q, k, v)]
-    g = geometry(*cam, d, "cuda")
+    g = geometry(*cam, d, "cuda", convention)
     with torch.no_grad():
         got, lse = forward_ws(*ins, g, cfg)
-        base = prope_attention_ref(*ins, *cam)
+        base = prope_attention_ref(*ins, *cam, convention=convention)
         _, lse_pre = forward_prepass(*ins, g)
     assert got.dtype == dtype
     assert_within_twice(("o", "lse"), [got, lse], [base, lse_pre],
-                        [prope_attention_ref(q, k, v, *cam), lse_float64(q, k, cam)])
+                        [prope_attention_ref(q, k, v, *cam, convention=convention),
+                         lse_float64(q, k, cam, convention)])
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (18, 18)), (8, (18, 18)), (2, (9, 20))])
-def test_gpu_ws_error_at_most_twice_reference(dtype, d, V, patches):
-    _check_ws(dtype, d, V, patches)
+def test_gpu_ws_error_at_most_twice_reference(dtype, d, V, patches, convention):
+    _check_ws(dtype, d, V, patches, convention=convention)
 
 
 @pytest.mark.gpu

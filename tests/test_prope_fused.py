@@ -31,16 +31,17 @@ test_interpreter_cases_in_subprocess = interpreter_subprocess_test(__file__)
 
 
 def run_both(q, k, v, w2c, K, patches, image, fused_dtype=torch.float32, device="cpu", seed=1,
-             kernels=None):
+             kernels=None, convention="textbook"):
     """(fused outputs and grads in fused_dtype, float64 reference outputs and grads)."""
     g = torch.Generator().manual_seed(seed)
     do = torch.randn(q.shape, generator=g, dtype=torch.float64)
     ins = [t.detach().to(device, fused_dtype).clone().requires_grad_(True) for t in (q, k, v)]
     o = prope_attention(*ins, w2c.to(device, torch.float32), K.to(device, torch.float32),
-                        patches, image, kernels=kernels)
+                        patches, image, kernels=kernels, convention=convention)
     o.backward(do.to(device, fused_dtype))
     refs = [t.detach().double().clone().requires_grad_(True) for t in (q, k, v)]
-    r = prope_attention_ref(*refs, w2c.double(), K.double(), patches, image)
+    r = prope_attention_ref(*refs, w2c.double(), K.double(), patches, image,
+                            convention=convention)
     r.backward(do)
     return [o] + [t.grad for t in ins], [r] + [t.grad for t in refs]
 
@@ -53,14 +54,15 @@ def spy(monkeypatch, name):
 
 
 @interp
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
-def test_interp_matches_reference(d, V, patches):
+def test_interp_matches_reference(d, V, patches, convention):
     """3 views of 3x5 (15 tokens per view: one masked block of 16) and 2 views of 5x7
-    (35 tokens: 3 blocks, the last masked); random cameras; every head dim."""
+    (35 tokens: 3 blocks, the last masked); random cameras; every head dim; both conventions."""
     image = (14 * patches[0], 14 * patches[1])
     q, k, v, w2c, K = make_inputs(B=1, h=2, V=V, patches=patches, d=d, image=image, seed=d)
-    got, want = run_both(q, k, v, w2c, K, patches, image)
+    got, want = run_both(q, k, v, w2c, K, patches, image, convention=convention)
     for name, a, b in zip(("o", "dq", "dk", "dv"), got, want):
         assert a.dtype == torch.float32
         assert torch.isfinite(a).all(), name
@@ -68,18 +70,19 @@ def test_interp_matches_reference(d, V, patches):
 
 
 @interp
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("d", [16, 48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (5, 7))])
-def test_interp_inference_forward_matches_reference(d, V, patches, monkeypatch):
+def test_interp_inference_forward_matches_reference(d, V, patches, convention, monkeypatch):
     """No-grad calls: the pre-pass forward (the default here), o within 1e-4 of float64."""
     image = (14 * patches[0], 14 * patches[1])
     q, k, v, w2c, K = make_inputs(B=2, h=2, V=V, patches=patches, d=d, image=image, seed=d + 1)
     calls = spy(monkeypatch, "forward_prepass")
     with torch.no_grad():
         o = prope_attention(q.float(), k.float(), v.float(), w2c.float(), K.float(), patches,
-                            image)
+                            image, convention=convention)
     assert calls == ["forward_prepass"]
-    r = prope_attention_ref(q, k, v, w2c, K, patches, image)
+    r = prope_attention_ref(q, k, v, w2c, K, patches, image, convention=convention)
     assert rel(o, r) <= 1e-4, rel(o, r)
 
 
@@ -132,6 +135,12 @@ def test_interp_entry_point_passes_the_choice(monkeypatch):
     out.sum().backward()
     assert calls == ["backward_atomic"]
     ref = prope_attention_ref(q.double(), k.double(), v.double(), w2c, K, (2, 4), (28, 56))
+    assert rel(out, ref) <= 1e-4
+    # ... and the cameras' convention
+    release = PRoPECameras(w2c.float(), K.float(), (2, 4), (28, 56), convention="release")
+    out = attention(q, k, v, release, backend="triton")
+    ref = prope_attention_ref(q.double(), k.double(), v.double(), w2c, K, (2, 4), (28, 56),
+                              convention="release")
     assert rel(out, ref) <= 1e-4
 
 
@@ -220,29 +229,33 @@ def test_shape_errors_come_from_the_shared_check():
 # GPU
 # ---------------------------------------------------------------------------------------------
 @pytest.mark.gpu
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (4, (9, 11)), (2, (18, 18))])
-def test_gpu_low_precision_error_at_most_twice_reference(dtype, d, V, patches):
+def test_gpu_low_precision_error_at_most_twice_reference(dtype, d, V, patches, convention):
     q, k, v, cam = gpu_case(dtype, d, V, patches)
-    assert_errors_within_twice(prope_attention, dtype, q, k, v, cam)
+    assert_errors_within_twice(prope_attention, dtype, q, k, v, cam, convention=convention)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (18, 18)), (8, (18, 18))])
-def test_gpu_inference_forward_error_at_most_twice_reference(dtype, d, V, patches):
+def test_gpu_inference_forward_error_at_most_twice_reference(dtype, d, V, patches, convention):
     q, k, v, cam = gpu_case(dtype, d, V, patches)
-    assert_errors_within_twice(prope_attention, dtype, q, k, v, cam, grad=False)
+    assert_errors_within_twice(prope_attention, dtype, q, k, v, cam, grad=False,
+                               convention=convention)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("d", [48, 64])
-def test_gpu_float32(d):
+def test_gpu_float32(d, convention):
     q, k, v, w2c, K, patches, image = random_inputs(1, 2, d, 3, (6, 7), torch.float64, "cpu",
                                                     seed=7)
-    got, want = run_both(q, k, v, w2c, K, patches, image, device="cuda")
+    got, want = run_both(q, k, v, w2c, K, patches, image, device="cuda", convention=convention)
     for a, b in zip(got, want):
         assert rel(a, b.cuda()) <= 1e-4
 

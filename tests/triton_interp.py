@@ -10,6 +10,7 @@ first). Both are marked `slow` (the interpreter runs the kernels element by elem
 import os
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -74,14 +75,16 @@ def gpu_case(dtype, d, V, patches, B=2, h=3):
     return q, k, v, (w2c, K, patches, image)
 
 
-def assert_errors_within_twice(fn, dtype, q, k, v, cam, grad=True) -> dict:
+def assert_errors_within_twice(fn, dtype, q, k, v, cam, grad=True, convention="textbook") -> dict:
     """fn's output (and with `grad`, its gradients for one random do) in dtype: finite, error
-    against the float64 reference at most twice that of the reference run in dtype."""
+    against the float64 reference at most twice that of the reference run in dtype; fn and the
+    reference both called with `convention`."""
     do = torch.randn(q.shape, generator=torch.Generator().manual_seed(1),
                      dtype=torch.float64).to(q.device) if grad else None
-    want = outputs_and_grads(prope_attention_ref, q, k, v, cam, do, torch.float64)
+    fn, ref = (partial(f, convention=convention) for f in (fn, prope_attention_ref))
+    want = outputs_and_grads(ref, q, k, v, cam, do, torch.float64)
     got = float64_errors(fn, q, k, v, cam, do, dtype, want)
-    base = float64_errors(prope_attention_ref, q, k, v, cam, do, dtype, want)
+    base = float64_errors(ref, q, k, v, cam, do, dtype, want)
     for name in got:
         assert got[name] <= 2 * base[name] + 1e-6, \
             f"{name}: {got[name]:.2e} vs ref {base[name]:.2e}"

@@ -2,7 +2,7 @@
 
 Both start the same way: passes write q' = D^T q and do' = D^T do to scratch and k', v' into the
 dk / dv buffers; delta = rowsum(o * do) (equal to rowsum(o' * do'), D_t being invertible) comes
-from the dq kernel or a small kernel; both end with dk = D^-T dk', dv = D^-T dv' applied in place
+from the dq kernel or a small kernel; both end with dk = E^T dk', dv = E^T dv' applied in place
 by the transform pass (done in registers inside the dk/dv loop it made ptxas serialise the wgmma
 and cost 57 registers). dk and dv are rounded twice in 16-bit (dk', then dk), as in the unfused
 reference. The dk/dv loop over query blocks (`_dkdv`) is shared:
@@ -298,7 +298,7 @@ def backward_two_kernel(q, k, v, o, lse, do, g: Geometry,
     delta = torch.empty_like(lse)
     launch_dq(qp, dop, dk, dv, o, do, dq, lse, delta, g, kernels)    # also writes delta
     launch_dkdv(qp, dop, dk, dv, lse, delta, kernels)                 # k', v' -> dk', dv'
-    transform(dk, dk, g, GKV, True, xcfg)                             # dk = D^-T dk', in place
+    transform(dk, dk, g, GKV, True, xcfg)                             # dk = E^T dk', in place
     transform(dv, dv, g, GKV, True, xcfg)
     return dq, dk, dv
 
@@ -319,6 +319,6 @@ def backward_atomic(q, k, v, o, lse, do, g: Geometry,
     # dots at fp32 (ieee) precision: about 0.1 ms more at d = 64, 1.2 ms at d = 128 (H100).
     dq.copy_(dqacc.view(B, H, N, d))
     transform(dq, dq, g, OUT, True, xcfg)
-    transform(dk, dk, g, GKV, True, xcfg)    # dk = D^-T dk', in place
+    transform(dk, dk, g, GKV, True, xcfg)    # dk = E^T dk', in place
     transform(dv, dv, g, GKV, True, xcfg)
     return dq, dk, dv

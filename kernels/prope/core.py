@@ -4,9 +4,12 @@ imports from here; this module imports only the reference (for its RoPE angles) 
 
 Math (docs/reference.md section 3; names as in `kernels.prope.reference`): per token t of
 camera c,
-    q' = D_t^T q,  k' = D_t^-1 k,  v' = D_t^-1 v,  o' = softmax(q' k'^T / sqrt(d)) v',  o = D_t o'
-with D_t = blockdiag(I (x) P_c, R(x)^T, R(y)^T): channels [0, d/2) in 4-chunks through the camera
-matrix, [d/2, d) rotated by the patch column / row (RoPE).
+    q' = D_t^T q,  k' = E_t k,  v' = E_t v,  o' = softmax(q' k'^T / sqrt(d)) v',  o = D_t o'
+with D_t = blockdiag(I (x) P_c, R(x)^T, R(y)^T), E_t = blockdiag(I (x) A_c, R(x), R(y)): channels
+[0, d/2) in 4-chunks through a camera matrix, [d/2, d) rotated by the patch column / row (RoPE).
+A_c is the convention's key/value matrix (P_c^-1 textbook, so E_t = D_t^-1; T^-1 lift(K_n)
+release); the backward applies D_t^T to do, D_t to dq', E_t^T to dk', dv'. The convention only
+changes what the geometry kernel writes: every other kernel reads matrices.
 
 Design: every transform is one per-token map x -> M_c x (4-chunks) + RoPE rotation
 (`transform_tile`) on an fp32 register tile, so the attention loops themselves stay plain flash
@@ -37,7 +40,7 @@ from torch import Tensor
 from triton.runtime.jit import JITFunction
 
 from kernels.prope.configs import BlockConfig, PRoPEKernels, padded
-from kernels.prope.reference import rope_tables
+from kernels.prope.reference import check_convention, rope_tables
 
 __all__ = ["Geometry", "geometry", "transform", "transform_tile", "token_block", "row_ptrs",
            "key_tile",
@@ -54,9 +57,10 @@ except ImportError:   # pragma: no cover - older triton: pointer loads only
 
 
 @triton.jit
-def _geometry_kernel(W2C, KI, MATS, BV, inv_h, inv_w):
-    """Per camera (program): P = lift(K_n) T and P^-1 = T^-1 lift(K_n^-1) (prope_matrices' closed
-    form, fp32), stored as MATS[0..3] = P^T, P^-1, P, P^-T, each (B*V, 4, 4)."""
+def _geometry_kernel(W2C, KI, MATS, BV, inv_h, inv_w, RELEASE: tl.constexpr):
+    """Per camera (program): P = lift(K_n) T and the key/value matrix A (prope_matrices' closed
+    form, fp32): T^-1 lift(K_n^-1) = P^-1, or T^-1 lift(K_n) if RELEASE; stored as
+    MATS[0..3] = P^T, A, P, A^T, each (B*V, 4, 4)."""
     cam = tl.program_id(0).to(tl.int64)
     r = tl.arange(0, 4)[:, None]
     c = tl.arange(0, 4)[None, :]
@@ -70,19 +74,22 @@ def _geometry_kernel(W2C, KI, MATS, BV, inv_h, inv_w):
     diag = tl.where(r == 0, fx, tl.where(r == 1, fy, 1.0))
     off = tl.where(r == 0, cx, cy)
     lk = tl.where(r == c, diag, 0.0) + tl.where((r < 2) & (c == 2), off, 0.0)
-    lki = tl.where(r == c, 1.0 / diag, 0.0) + tl.where((r < 2) & (c == 2), -off / diag, 0.0)
+    if RELEASE:
+        lka = lk
+    else:
+        lka = tl.where(r == c, 1.0 / diag, 0.0) + tl.where((r < 2) & (c == 2), -off / diag, 0.0)
     tvec = tl.sum(tl.where(c == 3, t, 0.0), 1)                    # T[:, 3]
     rt = tl.where((r < 3) & (c < 3), tt, 0.0)                     # R^T
     rt_t = tl.sum(rt * tvec[None, :], 1)                          # R^T t
     t_inv = rt + tl.where((c == 3) & (r < 3), -rt_t[:, None], 0.0) + tl.where(
         (r == 3) & (c == 3), 1.0, 0.0)
     p = tl.sum(lk[:, :, None] * t[None, :, :], 1)
-    p_inv = tl.sum(t_inv[:, :, None] * lki[None, :, :], 1)
+    a = tl.sum(t_inv[:, :, None] * lka[None, :, :], 1)
     out = MATS + cam * 16
     tl.store(out + c * 4 + r, p)                  # P^T
-    tl.store(out + BV * 16 + r * 4 + c, p_inv)
+    tl.store(out + BV * 16 + r * 4 + c, a)
     tl.store(out + 2 * BV * 16 + r * 4 + c, p)
-    tl.store(out + 3 * BV * 16 + c * 4 + r, p_inv)
+    tl.store(out + 3 * BV * 16 + c * 4 + r, a)
 
 
 @triton.jit
@@ -199,7 +206,7 @@ def _xform_kernel(X, Y, MAT, CT, ST, s_xb, s_xh, s_xn, s_yb, s_yh, s_yn, NH, N, 
 class Geometry:
     """What the kernels need of the cameras and the token grid, computed once per call."""
 
-    mats: Tensor     # (4, B, V, 4, 4) fp32: P^T (q, do), P^-1 (k, v), P (o, dq), P^-T (dk, dv)
+    mats: Tensor     # (4, B, V, 4, 4) fp32: P^T (q, do), A (k, v), P (o, dq), A^T (dk, dv)
     ct: Tensor       # (2, pmax, d/8) fp32 cos of the x (by column) and y (by row) angles
     st: Tensor       # (2, pmax, d/8) fp32 sin of the same
     views: int
@@ -208,18 +215,22 @@ class Geometry:
     pmax: int        # max(ph, pw): rows of the angle tables
 
 
-# Which of Geometry.mats a transform applies (per token: q' = P^T-side, k' / v' = P^-1, o and
-# dq = P with the inverse rotation, dk / dv = P^-T with the inverse rotation).
+# Which of Geometry.mats a transform applies (per token: q' = P^T-side, k' / v' = A (P^-1 in the
+# textbook convention), o and dq = P with the inverse rotation, dk / dv = A^T with the inverse
+# rotation).
 QT, KV, OUT, GKV = range(4)
 
 
-def geometry(w2c: Tensor, K: Tensor, patches, image_size, d: int, device) -> Geometry:
-    """Geometry of B x V cameras (w2c (B, V, 4, 4), K (B, V, 3, 3)) for head dim d."""
+def geometry(w2c: Tensor, K: Tensor, patches, image_size, d: int, device,
+             convention: str = "textbook") -> Geometry:
+    """Geometry of B x V cameras (w2c (B, V, 4, 4), K (B, V, 3, 3)) for head dim d; the key/value
+    matrix A of `convention` ("textbook" or "release")."""
     B, V = w2c.shape[:2]
     mats = torch.empty(4, B, V, 4, 4, dtype=torch.float32, device=device)
     _geometry_kernel[(B * V,)](w2c.detach().to(device, torch.float32).contiguous(),
                                K.detach().to(device, torch.float32).contiguous(), mats, B * V,
-                               1.0 / image_size[0], 1.0 / image_size[1])
+                               1.0 / image_size[0], 1.0 / image_size[1],
+                               RELEASE=check_convention(convention, "geometry") == "release")
     ct, st, pmax = _rope_pairs_tables(tuple(patches), d, torch.device(device))
     return Geometry(mats, ct, st, V, patches[0] * patches[1], patches[1], pmax)
 

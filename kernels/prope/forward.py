@@ -1,4 +1,4 @@
-"""The pre-pass PRoPE forward: k' = D^-1 k and v' = D^-1 v written to transient scratch by the
+"""The pre-pass PRoPE forward: k' = E k and v' = E v (core.py) written to transient scratch by the
 transform pass, then a flash-attention kernel on them that transforms q as it loads its query
 block and o = D o' as it stores it.
 

@@ -1,7 +1,7 @@
 """The warp-specialised PRoPE forward for Hopper (Gluon): `forward_ws`, no scratch.
 
 Same contract as the pre-pass forward (forward.py: o in q's dtype, fp32 log2-sum-exp (B, h, N)),
-the same math (q' = D^T q as it is loaded, k' = D^-1 k, v' = D^-1 v, o = D o' as it is stored),
+the same math (q' = D^T q as it is loaded, k' = E k, v' = E v, o = D o' as it is stored: core.py),
 but k' and v' never reach global memory:
 - a producer partition (4 warps) transforms each key tile of k and v in registers and writes it
   into a ring of shared-memory stages, signalling the consumers through mbarriers;

@@ -5,7 +5,9 @@ Same arguments and result as `kernels.prope.reference.prope_attention_ref` (math
 docs/reference.md section 3; the per-token transforms: core.py). A call runs a forward (forward.py's
 pre-pass, or forward_ws.py's warp-specialised one) and, with gradients, saves q, k, v, o and the
 fp32 log2-sum-exp (B, h, N) (no transformed copies) for a backward (backward.py: two kernels, or
-one with dq by reduce-adds). All transient scratch is freed before a call returns.
+one with dq by reduce-adds). All transient scratch is freed before a call returns. Both camera
+conventions (reference.py) run on every kernel: only the geometry kernel's key/value matrix
+differs (core.py).
 
 Default policy (`resolve`, from the H100 / H200 measurements in docs/gpu.md and
 launch/results/prope_kernels_history.md):
@@ -113,12 +115,9 @@ def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
     check_convention(convention)
     grad = torch.is_grad_enabled() and (q.requires_grad or k.requires_grad or v.requires_grad)
     chosen = resolve(kernels, q, grad)
-    # The kernels build the textbook key/value matrix only: the release convention runs the
-    # reference until they take it.
-    if (chosen is None or k.dtype != q.dtype or v.dtype != q.dtype
-            or convention != "textbook"):
+    if chosen is None or k.dtype != q.dtype or v.dtype != q.dtype:
         return prope_attention_ref(q, k, v, w2c, K, patches, image_size, convention=convention)
-    g = geometry(w2c, K, patches, image_size, q.shape[-1], q.device)
+    g = geometry(w2c, K, patches, image_size, q.shape[-1], q.device, convention)
     if grad:
         return _PRoPEAttention.apply(q, k, v, g, chosen)
     q, k, v = (dense(x) for x in (q, k, v))
