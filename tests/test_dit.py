@@ -208,3 +208,14 @@ def test_tiny_model_overfits_one_batch():
     # at init the prediction is 0, so the loss is E|eps - x|^2 = 2; a model that fits is far below
     assert losses[0] == pytest.approx(2.0, rel=0.15)
     assert losses[-1] < 0.25 * losses[0], losses[::10]
+
+
+def test_attention_choice_is_per_model_and_checked():
+    a, b = tiny(), tiny()
+    a.set_attention_backend("reference")
+    assert {blk.attention_backend for blk in a.blocks} == {"reference"}
+    assert {blk.attention_backend for blk in b.blocks} == {"auto"}
+    d = inputs()
+    torch.testing.assert_close(call(a, d), call(b, d), rtol=0, atol=0)   # CPU: auto = reference
+    with pytest.raises(ValueError, match="attention backend 'fast'; choose one of"):
+        a.set_attention_backend("fast")

@@ -26,6 +26,8 @@ from gld.encoders.da3.config import PATCH_SIZE
 from gld.models.cameras import (Convention, camera_map, check_camera_inputs, normalize_cameras,
                                 prope_cameras)
 from gld.models.layers import AdaLNBlock, FinalLayer, TimestepEmbedder
+from kernels.attention import BACKENDS
+from kernels.prope.configs import PRoPEKernels
 
 __all__ = ["DiTConfig", "DiTDH", "DIT_PRESETS", "dit_preset"]
 
@@ -132,10 +134,15 @@ class DiTDH(nn.Module):
             nn.init.zeros_(blk.adaLN_modulation[-1].bias)
         nn.init.zeros_(self.final_layer.linear.weight)
 
-    def set_attention_backend(self, backend: str) -> None:
-        """Which `kernels.attention` backend every block uses ("auto" picks the fastest)."""
+    def set_attention_backend(self, backend: str = "auto",
+                              prope_kernels: Optional[PRoPEKernels] = None) -> "DiTDH":
+        """Which `kernels.attention` backend (and which fused PRoPE kernels) every block uses;
+        "auto" and None follow the kernels' own policy."""
+        if backend not in BACKENDS:
+            raise ValueError(f"attention backend {backend!r}; choose one of {BACKENDS}")
         for blk in self.blocks:
-            blk.attention_backend = backend
+            blk.attention_backend, blk.prope_kernels = backend, prope_kernels
+        return self
 
     def forward(self, x_t: Tensor, t: Tensor, *, source: Tensor, is_src: Tensor, c2w: Tensor,
                 K: Tensor, image_size: tuple[int, int],

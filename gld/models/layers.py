@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from kernels.attention import PRoPECameras, attention
+from kernels.prope.configs import PRoPEKernels
 
 __all__ = ["RMSNorm", "SwiGLU", "TimestepEmbedder", "SelfAttention", "AdaLNBlock", "FinalLayer",
            "modulate", "swiglu_hidden"]
@@ -88,10 +89,11 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, cameras: Optional[PRoPECameras], backend: str = "auto") -> Tensor:
+    def forward(self, x: Tensor, cameras: Optional[PRoPECameras], backend: str = "auto",
+                prope_kernels: Optional[PRoPEKernels] = None) -> Tensor:
         B, L, W = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        o = attention(q, k, v, cameras, backend=backend)        # (B, h, L, d)
+        o = attention(q, k, v, cameras, backend=backend, prope_kernels=prope_kernels)  # (B, h, L, d)
         return self.proj(o.transpose(1, 2).reshape(B, L, W))
 
 
@@ -107,12 +109,15 @@ class AdaLNBlock(nn.Module):
         self.mlp = SwiGLU(width, swiglu_hidden(width, mlp_ratio))
         self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))
         self.attention_backend = "auto"
+        self.prope_kernels: Optional[PRoPEKernels] = None
 
     def forward(self, x: Tensor, c: Tensor, cameras: Optional[PRoPECameras]) -> Tensor:
         sm, cm, gm, sf, cf, gf = self.adaLN_modulation(c).chunk(6, dim=-1)
         if gm.dim() == 2:
             gm, gf = gm.unsqueeze(1), gf.unsqueeze(1)
-        x = x + gm * self.attn(modulate(self.norm1(x), sm, cm), cameras, self.attention_backend)
+        h = self.attn(modulate(self.norm1(x), sm, cm), cameras, self.attention_backend,
+                      self.prope_kernels)
+        x = x + gm * h
         return x + gf * self.mlp(modulate(self.norm2(x), sf, cf))
 
 
