@@ -17,7 +17,7 @@ def randomize_(model, seed=0, std=0.05):
     """Random weights everywhere (adaLN-Zero would make the output 0 and every test vacuous)."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in model.parameters():
+        for p in list(model.parameters()) + list(model.buffers()):
             p.copy_(torch.randn(p.shape, generator=g) * std)
     return model
 
