@@ -25,7 +25,7 @@ from typing import Any, Callable, Iterable, Optional, Sequence
 
 import torch
 
-__all__ = ["require_cuda", "time_ms", "time_ms_rotating", "PeakMemory", "env_info",
+__all__ = ["require_cuda", "matmul_ceiling_tflops", "time_ms", "time_ms_rotating", "PeakMemory", "env_info",
            "write_results", "markdown_table", "tflops", "rel_error"]
 
 
@@ -42,6 +42,13 @@ def time_ms(fn: Callable[[], Any], warmup: int = 50, rep: int = 300,
     """Median milliseconds of `fn()` (triton's do_bench: warm-up, L2 cleared between calls)."""
     from triton.testing import do_bench
     return do_bench(fn, warmup=warmup, rep=rep, grad_to_none=grad_to_none, return_mode="median")
+
+
+def matmul_ceiling_tflops(n: int = 8192) -> float:
+    """TFLOP/s of a bf16 n^3 matmul on this GPU: the ceiling MFU is measured against (it varies
+    run to run by a few percent, so measure it in the same run as what it is compared with)."""
+    a, b = (torch.randn(n, n, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    return tflops(2 * n ** 3, time_ms(lambda: a @ b))
 
 
 def time_ms_rotating(fn: Callable[[Any], Any], inputs: Sequence[Any], warmup: int = 5,

@@ -29,7 +29,7 @@ from gld.encoders.da3.measure import (
     backbone_flops, compile_blocks, encoder_calls, head_flops, randomize_,
 )
 from kernels.benchmarking import (
-    PeakMemory, env_info, markdown_table, require_cuda, tflops, time_ms, time_ms_rotating,
+    PeakMemory, env_info, markdown_table, matmul_ceiling_tflops, require_cuda, tflops, time_ms_rotating,
     write_results,
 )
 
@@ -56,12 +56,6 @@ def parse_args(argv=None) -> argparse.Namespace:
     return ap.parse_args(argv)
 
 
-def matmul_ceiling() -> float:
-    """TFLOP/s of a bf16 8192^3 matmul on this GPU (docs/gpu.md: it varies run to run)."""
-    a, b = (torch.randn(8192, 8192, device="cuda", dtype=BF16) for _ in range(2))
-    return tflops(2 * 8192 ** 3, time_ms(lambda: a @ b))
-
-
 def level_diff(got, want) -> list:
     """[max relative difference over the levels' features, bit-exact]."""
     return [max((a.features - b).abs().max().item() / b.abs().max().item()
@@ -76,7 +70,7 @@ class Run:
         self.args = args
         self.result = {**env_info(), "views": args.views, "batch": 1,
                        "precision": "backbone bf16 autocast, heads fp32 (TF32 allowed)",
-                       "ceiling_tflops": round(matmul_ceiling(), 1), "rows": [], "checks": []}
+                       "ceiling_tflops": round(matmul_ceiling_tflops(), 1), "rows": [], "checks": []}
 
     def time(self, impl, variant, size, what, mode, fn, inputs, flop) -> None:
         with PeakMemory() as mem:
