@@ -219,3 +219,11 @@ def test_attention_choice_is_per_model_and_checked():
     torch.testing.assert_close(call(a, d), call(b, d), rtol=0, atol=0)   # CPU: auto = reference
     with pytest.raises(ValueError, match="attention backend 'fast'; choose one of"):
         a.set_attention_backend("fast")
+
+
+def test_training_flops_match_the_release_anchor():
+    """docs/gpu.md: 92.3 TFLOP per level-1 sample at 8 x 504x504 (6 P L + 3 x attention)."""
+    from gld.models.measure import train_flops_per_sample
+    with torch.device("meta"):
+        m = DiTDH(dit_preset("level1"))
+    assert train_flops_per_sample(m, 8, 36 * 36) / 1e12 == pytest.approx(92.3, abs=0.05)
