@@ -10,10 +10,15 @@ patch (y, x) at (y+1, x+1); global blocks place every patch at (1, 1), so global
 carries no patch position.
 
 Level l (out block L = out_layers[l], a global block; `local` = output of block L-1):
-    features  = cat[local, LN(out_L)][:, :, 1:]   (B, V, N, 2C)
+    features  = cat[local, LN(out_L)][:, :, 1:]   (B, V, N, 2C)   decoder form (the default)
+    features  = cat[local, out_L][:, :, 1:]       (B, V, N, 2C)   raw form (form="raw")
     cam_token = cat[local, out_L][:, :, 0]         (B, V, 2C)   (neither half normalised)
+LN is the backbone's final LayerNorm (`norm`, eps 1e-5) on the second half only; `decoder_form`
+turns raw features into the decoder form, bit-identically. The decoder form is what the heads
+read; GLD's diffusion latent is the raw form (docs/release-facts.md).
 `propagate` rebuilds the raw output of block L-1 from the local half and token 0 and runs the
-deeper blocks, which reproduces the deeper levels exactly.
+deeper blocks, which reproduces the deeper levels exactly; with via="current" it instead
+continues at block L+1 from the raw global half (the GLD release's route).
 
 Attention goes through `kernels.attention.attention`, so the GPU gets the fast path; each
 attention module passes its `attention_backend` ("auto" unless a caller chose one, see
@@ -33,13 +38,16 @@ from gld.encoders.da3.config import PATCH_SIZE, DA3Config
 from kernels.attention import BACKENDS, attention
 
 __all__ = ["Level", "Block", "DA3Backbone", "rope_tables", "apply_rope", "sign_fold",
-           "check_attention_backend"]
+           "check_attention_backend", "FORMS", "check_form"]
+
+FORMS = ("decoder", "raw")  # features [local | LN(global)] or [local | global]
 
 
 class Level(NamedTuple):
     """One feature level of the latent space.
 
-    features: (B, V, N, 2C) = [local | LN(global)] patch tokens, N = gh * gw, row-major;
+    features: (B, V, N, 2C) = [local | LN(global)] patch tokens (decoder form), or
+              [local | global] (raw form, when asked for), N = gh * gw, row-major;
     cam_token: (B, V, 2C) = [local | global] token 0, raw (needed for exact propagation);
     grid: (gh, gw) patch grid, or None when unknown (then `propagate` needs the image size).
     """
@@ -146,6 +154,13 @@ def _attention_dtype(q: Tensor, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor, T
         dt = torch.get_autocast_dtype(q.device.type)
         return q.to(dt), k.to(dt), v.to(dt)
     return q, k, v
+
+
+def check_form(form: str) -> str:
+    """`form` if it names a level form ("decoder" or "raw"), else a ValueError."""
+    if form not in FORMS:
+        raise ValueError(f"unknown level form {form!r}; choose from {', '.join(FORMS)}")
+    return form
 
 
 def check_attention_backend(name: str) -> str:
@@ -294,14 +309,21 @@ class DA3Backbone(nn.Module):
         return torch.cat([ref, src], dim=1)
 
     # -- blocks --------------------------------------------------------------------------------
+    def decoder_form(self, features: Tensor) -> Tensor:
+        """Raw features (..., 2C) = [local | global] -> [local | LN(global)], same shape."""
+        C = self.cfg.dim
+        return torch.cat([features[..., :C], self.norm(features[..., C:])], dim=-1)
+
     def run_blocks(self, x: Tensor, start: int, local: Optional[Tensor], grid: tuple[int, int],
-                   cam_token: Optional[Tensor] = None, collect: Sequence[int] = ()) -> list[Level]:
+                   cam_token: Optional[Tensor] = None, collect: Sequence[int] = (),
+                   form: str = "decoder") -> list[Level]:
         """Run blocks start.. on tokens x (B, V, 1+N, C).
 
         local: the latest local-block output (needed when `start` is a global block);
         cam_token (B, V, C) replaces token 0 before block alt_start (None: learned tokens);
-        collect: the out blocks whose levels are returned, in order.
+        collect: the out blocks whose levels are returned, in order, in `form` (FORMS).
         """
+        raw = check_form(form) == "raw"
         cfg = self.cfg
         B, V, T, C = x.shape
         ropes = self._ropes(grid, V, x.device)
@@ -321,27 +343,38 @@ class DA3Backbone(nn.Module):
             if i in collect:
                 if local is None:
                     raise RuntimeError(f"level at block {i} needs the output of a local block")
-                feats = torch.cat([local[:, :, 1:], self.norm(x[:, :, 1:])], dim=-1)
+                glob = x[:, :, 1:] if raw else self.norm(x[:, :, 1:])
+                feats = torch.cat([local[:, :, 1:], glob], dim=-1)
                 cam = torch.cat([local[:, :, 0], x[:, :, 0]], dim=-1)
                 levels.append(Level(feats, cam, grid))
         return levels
 
-    def forward(self, images: Tensor, cam_token: Optional[Tensor] = None) -> list[Level]:
-        """Normalised images (B, V, 3, H, W) [+ camera tokens (B, V, C)] -> levels 0..3."""
+    def forward(self, images: Tensor, cam_token: Optional[Tensor] = None,
+                form: str = "decoder") -> list[Level]:
+        """Normalised images (B, V, 3, H, W) [+ camera tokens (B, V, C)] -> levels 0..3 in
+        `form` ("decoder" or "raw")."""
         B, V, _, H, W = images.shape
         if H % PATCH_SIZE or W % PATCH_SIZE:
             raise ValueError(f"DA3: image size {(H, W)} must be a multiple of {PATCH_SIZE} "
                              "on both sides")
         grid = (H // PATCH_SIZE, W // PATCH_SIZE)
         x = self.embed(images)
-        return self.run_blocks(x, 0, None, grid, cam_token, collect=self.cfg.out_layers)
+        return self.run_blocks(x, 0, None, grid, cam_token, collect=self.cfg.out_layers, form=form)
 
-    def propagate(self, level: Level, from_level: int, grid: tuple[int, int]) -> list[Level]:
-        """Level `from_level` -> levels from_level+1 .. 3, exactly.
+    def propagate(self, level: Level, from_level: int, grid: tuple[int, int],
+                  form: str = "decoder", via: str = "local") -> list[Level]:
+        """Level `from_level` -> levels from_level+1 .. 3 in `form`, exactly.
 
-        Token 0's local half and the patch features' local half rebuild the raw output of block
-        L-1 (L = out_layers[from_level]); blocks L.. then run as in `forward`.
+        via "local": token 0's local half and the patch features' local half rebuild the raw
+        output of block L-1 (L = out_layers[from_level]); blocks L.. then run as in `forward`.
+        Either form of the level works (only its local half is read).
+        via "current": the raw global half (features in the RAW form, token 0's second half)
+        is the output of block L; blocks L+1.. run from it. The same for an encoded level; for
+        a generated one it uses the generated global half instead of recomputing it.
         """
+        if via not in ("local", "current"):
+            raise ValueError(f"propagate: via must be 'local' or 'current', got {via!r}")
+        check_form(form)
         cfg = self.cfg
         C = cfg.dim
         feats, cam = level.features, level.cam_token
@@ -352,6 +385,12 @@ class DA3Backbone(nn.Module):
                 f"(B, V, {2 * C}) for grid {grid}; got {tuple(feats.shape)} and {tuple(cam.shape)}")
         if from_level == len(cfg.out_layers) - 1:
             return []
-        raw = torch.cat([cam[..., :C][:, :, None], feats[..., :C]], dim=2)
-        start = cfg.out_layers[from_level]
-        return self.run_blocks(raw, start, raw, grid, collect=cfg.out_layers[from_level + 1:])
+        deeper = cfg.out_layers[from_level + 1:]
+        if via == "local":
+            raw = torch.cat([cam[..., :C][:, :, None], feats[..., :C]], dim=2)
+            return self.run_blocks(raw, cfg.out_layers[from_level], raw, grid, collect=deeper,
+                                   form=form)
+        # Block L+1 is local (L is global and odd), so it sets `local` before any level.
+        out = torch.cat([cam[..., C:][:, :, None], feats[..., C:]], dim=2)
+        return self.run_blocks(out, cfg.out_layers[from_level] + 1, None, grid, collect=deeper,
+                               form=form)

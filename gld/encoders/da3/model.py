@@ -3,6 +3,8 @@
     model = DA3("da3-base")                               # or gld.checkpoints.da3.load_da3(path)
     levels = model.encode(images)                         # images (B, V, 3, H, W) in [0, 1]
     deeper = model.propagate(levels[1], from_level=1)     # == levels[2:], exactly
+    raw = model.encode(images, form="raw")                # [local | global]: GLD's latent form
+    assert model.decoder_form(raw[1]).features.equal(levels[1].features)
     geo = model.geometry(levels, images.shape[-2:])       # depth, poses, intrinsics, rays
 
 Precision: the backbone runs under bf16 autocast on CUDA (`amp="auto"`; fp32 on CPU), the heads
@@ -19,7 +21,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from gld.encoders.da3.backbone import Attention, DA3Backbone, Level, check_attention_backend
+from gld.encoders.da3.backbone import (
+    Attention, DA3Backbone, Level, check_attention_backend, check_form,
+)
 from gld.encoders.da3.camera import (
     CameraDecoder, CameraEncoder, normalize_extrinsics, pose_encoding_to_cameras,
 )
@@ -107,15 +111,19 @@ class DA3(nn.Module):
     # -- entry points --------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, images: Tensor, w2c: Optional[Tensor] = None, K: Optional[Tensor] = None,
-               normalize_poses: bool = True, amp: AmpArg = "auto") -> list[Level]:
+               normalize_poses: bool = True, amp: AmpArg = "auto",
+               form: str = "decoder") -> list[Level]:
         """Images (B, V, 3, H, W) in [0, 1], H, W multiples of 14 -> 4 `Level`s.
 
-        Each level: features (B, V, N, 2C), cam_token (B, V, 2C), grid (H/14, W/14).
+        Each level: features (B, V, N, 2C), cam_token (B, V, 2C), grid (H/14, W/14). `form`
+        "decoder": features [local | LN(global)], what `geometry` reads; "raw": [local | global]
+        before the final LayerNorm (GLD's diffusion latent; `decoder_form` converts).
         Posed input: w2c (B, V, 4, 4) OpenCV world-to-camera and K (B, V, 3, 3) pixel intrinsics
         of the same image size; the camera encoder then provides the camera tokens. With
         `normalize_poses` the poses are first normalised as the official API does
         (`normalize_extrinsics`). View order is kept (the official "first" reference strategy).
         """
+        check_form(form)
         x = self.normalize_images(images)
         B, V, _, H, W = x.shape
         cam_token = None
@@ -130,16 +138,19 @@ class DA3(nn.Module):
                 w2c = normalize_extrinsics(w2c)
             cam_token = self.cam_enc(w2c, K.float(), (H, W))
         with self._autocast(x.device, amp):
-            return self.backbone(x, cam_token=cam_token)
+            return self.backbone(x, cam_token=cam_token, form=form)
 
     @torch.no_grad()
     def propagate(self, level_output: Level, from_level: int,
-                  image_size: Optional[Sequence[int]] = None, amp: AmpArg = "auto") -> list[Level]:
+                  image_size: Optional[Sequence[int]] = None, amp: AmpArg = "auto",
+                  form: str = "decoder", via: str = "local") -> list[Level]:
         """Level `from_level` (features (B, V, N, 2C), cam_token (B, V, 2C)) -> the deeper levels.
 
-        Returns levels from_level+1 .. 3 (a list, empty for level 3); exact: propagating an
-        encoded level reproduces `encode`'s deeper levels. The patch grid comes from
-        `image_size` or, failing that, from the level.
+        Returns levels from_level+1 .. 3 in `form` (a list, empty for level 3); exact:
+        propagating an encoded level reproduces `encode`'s deeper levels. The patch grid comes
+        from `image_size` or, failing that, from the level. via "local" (default) reads only
+        the local half, so the level may be in either form; via "current" continues from the
+        raw global half and needs the raw form (see `DA3Backbone.propagate`).
         """
         n = len(self.config.out_layers)
         if not 0 <= from_level < n:
@@ -147,7 +158,17 @@ class DA3(nn.Module):
         level = Level(*level_output) if not isinstance(level_output, Level) else level_output
         grid = self._grid(level, image_size)
         with self._autocast(level.features.device, amp):
-            return self.backbone.propagate(level, from_level, grid)
+            return self.backbone.propagate(level, from_level, grid, form=form, via=via)
+
+    @torch.no_grad()
+    def decoder_form(self, level: Level) -> Level:
+        """A raw level ([local | global] features) -> the decoder form ([local | LN(global)]):
+        the backbone's final LayerNorm on the second half of the features, in fp32 as `encode`
+        applies it (bit-identical to encoding with form="decoder"). cam_token and grid are
+        unchanged (token 0 is raw in both forms)."""
+        level = Level(*level)
+        with torch.autocast(level.features.device.type, enabled=False):
+            return Level(self.backbone.decoder_form(level.features), level.cam_token, level.grid)
 
     @torch.no_grad()
     def geometry(self, levels: Sequence[Level], image_size: Sequence[int],
