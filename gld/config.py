@@ -1,13 +1,14 @@
 """The run's configuration: the sections of the components that exist, composed into one tree.
 
 Each section's dataclass lives beside the code that reads it: `data` in gld/data/config.py,
-`diffusion` in gld/diffusion/config.py (sections for the model, the trainer and evaluation
-arrive with their code). This module only composes them: `load_config` reads YAML (`extends:`
-names a base file, relative to the including file), applies dotted command-line overrides
-(`--data.num_views=6` or `--data.num_views 6`, values parsed as YAML) and validates once, each
-section and then the rules that span sections; unknown keys, wrong types and impossible
-combinations raise `ConfigError` naming the key, the value and what is allowed. `save_config`
-writes the resolved tree; `load_config` on that file gives an equal tree.
+`diffusion` in gld/diffusion/config.py, `latent` in gld/latents/config.py (sections for the
+model, the trainer and evaluation arrive with their code). This module only composes them:
+`load_config` reads YAML (`extends:` names a base file, relative to the including file),
+applies dotted command-line overrides (`--data.num_views=6` or `--data.num_views 6`, values
+parsed as YAML) and validates once, each section and then the rules that span sections; unknown
+keys, wrong types and impossible combinations raise `ConfigError` naming the key, the value and
+what is allowed. `save_config` writes the resolved tree; `load_config` on that file gives an
+equal tree.
 """
 from __future__ import annotations
 
@@ -22,6 +23,7 @@ from gld.configtypes import ConfigError, deep_merge, from_dict, set_dotted, to_d
 from gld.data.config import DataConfig
 from gld.diffusion.config import DiffusionConfig
 from gld.encoders.da3.config import PATCH_SIZE
+from gld.latents.config import LatentConfig
 
 __all__ = ["ConfigError", "Config", "load_config", "save_config", "parse_overrides"]
 
@@ -31,11 +33,13 @@ class Config:
     name: str = "gld"
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    latent: LatentConfig = field(default_factory=LatentConfig)
 
     def validate(self) -> "Config":
         # Images enter the DA3 encoder, so every resolution must be a whole number of its patches.
         self.data.validate("data", patch_size=PATCH_SIZE)
         self.diffusion.validate("diffusion")
+        self.latent.validate("latent")
         return self
 
     def to_dict(self) -> dict:
