@@ -250,6 +250,7 @@ def test_latent_config_errors(overrides, pattern):
         load_config(CONFIGS / "tiny.yaml", overrides)
 
 
+@pytest.mark.slow
 def test_build_latent_space_from_config(tmp_path, images, small):
     cfg = load_config(CONFIGS / "tiny.yaml").latent
     space = build_latent_space(cfg)
