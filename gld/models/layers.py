@@ -21,8 +21,12 @@ __all__ = ["RMSNorm", "SwiGLU", "TimestepEmbedder", "SelfAttention", "AdaLNBlock
 
 
 def swiglu_hidden(width: int, mlp_ratio: float = 4.0) -> int:
-    """The release's SwiGLU hidden size: int(2/3 * mlp_ratio * width) (2048 for 768)."""
-    return int(2 / 3 * mlp_ratio * width)
+    """The release's SwiGLU hidden size: int(2/3 * int(width * mlp_ratio)) (2048 for 768).
+
+    Rounded in the release's order: for some ratios int(2/3 * mlp_ratio * width) is one less
+    (width 48, ratio 3.5: 111 instead of 112) and such a release file would not load.
+    """
+    return int(2 / 3 * int(width * mlp_ratio))
 
 
 def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
