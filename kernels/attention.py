@@ -2,17 +2,17 @@
 
 `attention(q, k, v, cameras=None, *, backend="auto", prope_kernels=None)` with q, k, v
 (B, h, N, d):
-- with `cameras` (a `PRoPECameras`): PRoPE attention over all views' tokens; the fused kernels
-  (kernels/prope/) on CUDA where they apply, the plain-PyTorch reference elsewhere.
-  `prope_kernels` (a `PRoPEKernels`) picks the fused kernels (None: their default policy,
-  `kernels.prope.fused.resolve`).
+- with `cameras` (a `PRoPECameras`, which carries the camera convention): PRoPE attention over
+  all views' tokens; the Triton kernels (kernels/prope/) on CUDA where they apply, the
+  plain-PyTorch reference elsewhere. `prope_kernels` (a `PRoPEKernels`) picks the attention
+  core (the fused kernels, or transform passes around SDPA) and the kernels (None: the default
+  policy, `kernels.prope.fused.resolve`).
 - without: plain softmax attention; the `flash_attn` package when installed (CUDA, fp16/bf16;
   FlashAttention-2's `flash_attn_func`, or FlashAttention-4's `flash_attn.cute` when only that is
-  there), else PyTorch SDPA (on CUDA cuDNN first: on Hopper it is the faster backend, 448 vs
-  310 TFLOP/s forward at d = 64 on the H200, docs/gpu.md; flash next).
+  there), else PyTorch SDPA (kernels/sdpa.py: on CUDA cuDNN first, the faster backend on Hopper).
 
 `backend` (one of `BACKENDS`) forces one implementation per call: "reference" (with cameras)
-and "sdpa_math" are the CPU-exact paths tests use, "triton" the fused kernels even on CPU (under
+and "sdpa_math" are the CPU-exact paths tests use, "triton" the Triton kernels even on CPU (under
 the Triton interpreter), "flash_attn" / "sdpa_*" one plain-attention backend. Nothing is global:
 every choice travels with the call.
 """
@@ -26,11 +26,11 @@ from dataclasses import dataclass
 from typing import Optional
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 
 from kernels.prope.configs import PRoPEKernels
 from kernels.prope.reference import CONVENTIONS, check_convention, prope_attention_ref
+from kernels.sdpa import sdpa
 
 __all__ = ["PRoPECameras", "attention", "prope_attention", "BACKENDS", "CONVENTIONS",
            "flash_attn_available"]
@@ -104,22 +104,6 @@ def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
     return fused(q, k, v, w2c, K, patches, image_size, kernels=kernels, convention=convention)
 
 
-def _sdpa(q: Tensor, k: Tensor, v: Tensor, backend: str) -> Tensor:
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    table = {"sdpa_flash": SDPBackend.FLASH_ATTENTION, "sdpa_cudnn": SDPBackend.CUDNN_ATTENTION,
-             "sdpa_math": SDPBackend.MATH}
-    if backend in table:
-        with sdpa_kernel([table[backend]]):
-            return F.scaled_dot_product_attention(q, k, v)
-    if q.is_cuda and q.dtype in (torch.float16, torch.bfloat16):
-        # cuDNN is the faster backend on Hopper (docs/gpu.md); flash is the fallback.
-        with sdpa_kernel([SDPBackend.CUDNN_ATTENTION, SDPBackend.FLASH_ATTENTION,
-                          SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH], set_priority=True):
-            return F.scaled_dot_product_attention(q, k, v)
-    return F.scaled_dot_product_attention(q, k, v)
-
-
 def _flash_attn(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
     flash_attn_func = _flash_attn_func()
     if flash_attn_func is None:
@@ -161,4 +145,4 @@ def attention(q: Tensor, k: Tensor, v: Tensor, cameras: Optional[PRoPECameras] =
         and flash_attn_available()
     ):
         return _flash_attn(q, k, v)
-    return _sdpa(q, k, v, backend)
+    return sdpa(q, k, v, backend)

@@ -9,9 +9,10 @@ is first imported, so the interpreter cases run in-process only when this proces
 TRITON_INTERPRET=1; otherwise `test_interpreter_cases_in_subprocess` reruns them in a fresh
 process that has it (robust to whatever the rest of the suite imported first).
 GPU (marker `gpu`): bf16 / fp16, error against float64 at most 2x that of the PyTorch reference
-run in the same dtype.
+run in the same dtype; both attention cores (fused kernels, SDPA core) and both conventions.
 """
 import dataclasses
+from functools import partial
 
 import pytest
 import torch
@@ -136,12 +137,6 @@ def test_interp_entry_point_passes_the_choice(monkeypatch):
     assert calls == ["backward_atomic"]
     ref = prope_attention_ref(q.double(), k.double(), v.double(), w2c, K, (2, 4), (28, 56))
     assert rel(out, ref) <= 1e-4
-    # ... and the cameras' convention
-    release = PRoPECameras(w2c.float(), K.float(), (2, 4), (28, 56), convention="release")
-    out = attention(q, k, v, release, backend="triton")
-    ref = prope_attention_ref(q.double(), k.double(), v.double(), w2c, K, (2, 4), (28, 56),
-                              convention="release")
-    assert rel(out, ref) <= 1e-4
 
 
 # ---------------------------------------------------------------------------------------------
@@ -187,9 +182,10 @@ def test_default_policy(d, monkeypatch):
         assert without.forward == ("ws" if hopper else "prepass")
         want = "atomic" if hopper and d == 64 else "two_kernel"
         assert with_grad.backward == without.backward == want
-    # forced kernels stay forced; a forced ws forward where it cannot run is an error
+    # forced kernels stay forced (and imply the fused core); a forced ws forward where it
+    # cannot run is an error
     forced = PRoPEKernels(forward="prepass", backward="atomic")
-    assert resolve(forced, q, grad=False) == forced
+    assert resolve(forced, q, grad=False) == dataclasses.replace(forced, core="fused")
     with pytest.raises(ValueError, match=r"PRoPEKernels\(forward='ws'\) needs a Hopper GPU"):
         resolve(PRoPEKernels(forward="ws"), q, grad=False)
 
@@ -228,34 +224,44 @@ def test_shape_errors_come_from_the_shared_check():
 # ---------------------------------------------------------------------------------------------
 # GPU
 # ---------------------------------------------------------------------------------------------
+CORES = ["fused", "sdpa"]   # both attention cores (the SDPA one: test_prope_sdpa_core.py)
+
+
 @pytest.mark.gpu
+@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (4, (9, 11)), (2, (18, 18))])
-def test_gpu_low_precision_error_at_most_twice_reference(dtype, d, V, patches, convention):
+def test_gpu_low_precision_error_at_most_twice_reference(dtype, d, V, patches, convention,
+                                                         core):
     q, k, v, cam = gpu_case(dtype, d, V, patches)
-    assert_errors_within_twice(prope_attention, dtype, q, k, v, cam, convention=convention)
+    fn = partial(prope_attention, kernels=PRoPEKernels(core=core))
+    assert_errors_within_twice(fn, dtype, q, k, v, cam, convention=convention)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("d", [48, 64, 128])
 @pytest.mark.parametrize("V,patches", [(3, (3, 5)), (2, (18, 18)), (8, (18, 18))])
-def test_gpu_inference_forward_error_at_most_twice_reference(dtype, d, V, patches, convention):
+def test_gpu_inference_forward_error_at_most_twice_reference(dtype, d, V, patches, convention,
+                                                             core):
     q, k, v, cam = gpu_case(dtype, d, V, patches)
-    assert_errors_within_twice(prope_attention, dtype, q, k, v, cam, grad=False,
-                               convention=convention)
+    fn = partial(prope_attention, kernels=PRoPEKernels(core=core))
+    assert_errors_within_twice(fn, dtype, q, k, v, cam, grad=False, convention=convention)
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("core", CORES)
 @pytest.mark.parametrize("convention", ["textbook", "release"])
 @pytest.mark.parametrize("d", [48, 64])
-def test_gpu_float32(d, convention):
+def test_gpu_float32(d, convention, core):
     q, k, v, w2c, K, patches, image = random_inputs(1, 2, d, 3, (6, 7), torch.float64, "cpu",
                                                     seed=7)
-    got, want = run_both(q, k, v, w2c, K, patches, image, device="cuda", convention=convention)
+    got, want = run_both(q, k, v, w2c, K, patches, image, device="cuda",
+                         kernels=PRoPEKernels(core=core), convention=convention)
     for a, b in zip(got, want):
         assert rel(a, b.cuda()) <= 1e-4
 

@@ -2,6 +2,7 @@
 kernels. Imports go one way, top to bottom:
 
     fused.py       prope_attention, its autograd Function, resolve (the default kernel policy)
+    sdpa_core.py   transform passes around PyTorch SDPA (cuDNN), the other attention core
     backward.py    the two-kernel and the one-kernel (atomic-dq) backwards
     forward.py     the pre-pass forward          forward_ws.py  the warp-specialised forward
     core.py        camera matrices, per-token transforms, precisions, the fallback launcher

@@ -13,10 +13,21 @@ from dataclasses import dataclass, fields
 from typing import Optional
 
 __all__ = ["PRoPEKernels", "BlockConfig", "AtomicConfig", "WSConfig", "TransformConfig",
-           "FORWARDS", "BACKWARDS", "WS_HEAD_DIMS", "padded", "default_config"]
+           "CORES", "FORWARDS", "BACKWARDS", "WS_HEAD_DIMS", "DEFAULT_CORE", "padded",
+           "default_config", "default_core"]
 
+CORES = ("auto", "fused", "sdpa")
 FORWARDS = ("auto", "prepass", "ws")
 BACKWARDS = ("auto", "two_kernel", "atomic")
+
+# The attention core that PRoPEKernels(core="auto") runs, per head dim (others: "fused"). The
+# one place to change it; launch/bench_train_step.py's per-path results decide.
+DEFAULT_CORE = {48: "fused", 64: "fused", 128: "fused"}
+
+
+def default_core(d: int) -> str:
+    """The core that "auto" picks for head dim d (`DEFAULT_CORE`)."""
+    return DEFAULT_CORE.get(d, "fused")
 
 
 @dataclass(frozen=True)
@@ -124,10 +135,13 @@ _CONFIG_TYPES = {"prepass": BlockConfig, "dq": BlockConfig, "dkdv": BlockConfig,
 
 @dataclass(frozen=True)
 class PRoPEKernels:
-    """One choice of fused PRoPE kernels, passed per call (`prope_attention(..., kernels=)`,
+    """One choice of PRoPE kernels, passed per call (`prope_attention(..., kernels=)`,
     `kernels.attention(..., prope_kernels=)`).
 
-    forward: "prepass" (a pass writes k', v' to transient scratch, then a flash-attention kernel
+    core: "fused" (the Triton attention kernels with the transforms inside: forward and backward
+    below), "sdpa" (Triton transform passes around PyTorch SDPA, cuDNN first on CUDA:
+    kernels/prope/sdpa_core.py) or "auto" (`DEFAULT_CORE` per head dim; "fused" when forward or
+    backward names a fused kernel). forward: "prepass" (a pass writes k', v' to transient scratch, then a flash-attention kernel
     on them: the fastest), "ws" (the warp-specialised Gluon forward: no scratch, plain
     attention's peak memory; Hopper sm_90, fp16 / bf16, d 48 / 64 / 128 only) or "auto".
     backward: "two_kernel" (a dq kernel and a dk/dv kernel), "atomic" (one kernel, dq summed in
@@ -137,6 +151,7 @@ class PRoPEKernels:
     resources; a config given here runs as given, for benchmarks and sweeps).
     """
 
+    core: str = "auto"
     forward: str = "auto"
     backward: str = "auto"
     prepass: Optional[BlockConfig] = None
@@ -147,11 +162,15 @@ class PRoPEKernels:
     transform: Optional[TransformConfig] = None
 
     def __post_init__(self):
-        for name, allowed in (("forward", FORWARDS), ("backward", BACKWARDS)):
+        for name, allowed in (("core", CORES), ("forward", FORWARDS), ("backward", BACKWARDS)):
             value = getattr(self, name)
             if value not in allowed:
                 raise ValueError(f"PRoPEKernels.{name}={value!r}; choose one of "
                                  f"{', '.join(map(repr, allowed))}")
+        if self.core == "sdpa" and (self.forward, self.backward) != ("auto", "auto"):
+            raise ValueError(f"PRoPEKernels(core='sdpa') runs no fused forward or backward; got "
+                             f"forward={self.forward!r}, backward={self.backward!r} (leave them "
+                             f"'auto', or use core='fused')")
         for f in fields(self):
             want, value = _CONFIG_TYPES.get(f.name), getattr(self, f.name)
             if want is not None and value is not None and not isinstance(value, want):

@@ -1,8 +1,9 @@
-"""Fused PRoPE attention: `prope_attention`, its autograd Function, and `resolve`, the one place
-that says which kernels run for a call.
+"""PRoPE attention on the GPU kernels: `prope_attention`, the fused kernels' autograd Function,
+and `resolve`, the one place that says which kernels run for a call.
 
 Same arguments and result as `kernels.prope.reference.prope_attention_ref` (math:
-docs/reference.md section 3; the per-token transforms: core.py). A call runs a forward (forward.py's
+docs/reference.md section 3; the per-token transforms: core.py). A call runs the SDPA core
+(sdpa_core.py: transform passes around PyTorch SDPA) or the fused kernels: a forward (forward.py's
 pre-pass, or forward_ws.py's warp-specialised one) and, with gradients, saves q, k, v, o and the
 fp32 log2-sum-exp (B, h, N) (no transformed copies) for a backward (backward.py: two kernels, or
 one with dq by reduce-adds). All transient scratch is freed before a call returns. Both camera
@@ -11,6 +12,8 @@ differs (core.py).
 
 Default policy (`resolve`, from the H100 / H200 measurements in docs/gpu.md and
 launch/results/prope_kernels_history.md):
+- core: configs.py `DEFAULT_CORE` per head dim (the fused kernels everywhere until the
+  training-step benchmark has measured the SDPA core, sdpa_core.py, in the model).
 - forward, with gradients: the pre-pass forward, the faster at every measured shape (H200 d = 64:
   383 against 314 TFLOP/s forward); the warp-specialised one saves transient memory the backward
   needs anyway. Without gradients: the warp-specialised forward where it runs (Hopper sm_90,
@@ -33,10 +36,11 @@ import torch
 from torch import Tensor
 
 from kernels.prope.backward import backward_atomic, backward_two_kernel, dq_tma_available
-from kernels.prope.configs import PRoPEKernels
+from kernels.prope.configs import PRoPEKernels, default_core
 from kernels.prope.core import Geometry, dense, geometry, supported
 from kernels.prope.forward import forward_prepass
 from kernels.prope.forward_ws import forward_ws, ws_supported
+from kernels.prope.sdpa_core import sdpa_core
 from kernels.prope.reference import check_convention, check_prope_inputs, prope_attention_ref
 
 __all__ = ["prope_attention", "resolve"]
@@ -45,14 +49,15 @@ _DEFAULT = PRoPEKernels()
 
 
 @functools.lru_cache(maxsize=64)
-def _concrete(kernels: PRoPEKernels, forward: str, backward: str) -> PRoPEKernels:
+def _concrete(kernels: PRoPEKernels, core: str, forward: str, backward: str) -> PRoPEKernels:
     # cached: a call's host time counts at short sequences (0.45 ms of kernels)
-    return replace(kernels, forward=forward, backward=backward)
+    return replace(kernels, core=core, forward=forward, backward=backward)
 
 
 def resolve(kernels: Optional[PRoPEKernels], q: Tensor, grad: bool) -> Optional[PRoPEKernels]:
     """The kernels a call with query q runs: `kernels` (None: the defaults) with its "auto"
-    forward and backward replaced by concrete ones (the module docstring's policy); `grad`:
+    core, forward and backward replaced by concrete ones (the module docstring's policy; an
+    SDPA core keeps forward and backward "auto": it runs neither); `grad`:
     whether the call records a graph for a backward. None when the fused kernels do not take q
     (the reference runs). A forced "ws" forward where it cannot run is a ValueError."""
     if kernels is None:
@@ -62,6 +67,11 @@ def resolve(kernels: Optional[PRoPEKernels], q: Tensor, grad: bool) -> Optional[
     if not supported(q):
         return None
     forward, backward = kernels.forward, kernels.backward
+    core = kernels.core
+    if core == "auto":   # a forced fused kernel means the fused core
+        core = default_core(q.shape[-1]) if (forward, backward) == ("auto", "auto") else "fused"
+    if core == "sdpa":
+        return _concrete(kernels, core, "auto", "auto")
     if forward == "auto":
         forward = "ws" if not grad and ws_supported(q) else "prepass"
     elif forward == "ws" and not ws_supported(q):
@@ -70,7 +80,7 @@ def resolve(kernels: Optional[PRoPEKernels], q: Tensor, grad: bool) -> Optional[
                          f"{q.device} (use 'auto' or 'prepass')")
     if backward == "auto":
         backward = "atomic" if q.shape[-1] == 64 and dq_tma_available(q) else "two_kernel"
-    return _concrete(kernels, forward, backward)
+    return _concrete(kernels, core, forward, backward)
 
 
 def _forward(kernels: PRoPEKernels, q: Tensor, k: Tensor, v: Tensor,
@@ -118,6 +128,8 @@ def prope_attention(q: Tensor, k: Tensor, v: Tensor, w2c: Tensor, K: Tensor,
     if chosen is None or k.dtype != q.dtype or v.dtype != q.dtype:
         return prope_attention_ref(q, k, v, w2c, K, patches, image_size, convention=convention)
     g = geometry(w2c, K, patches, image_size, q.shape[-1], q.device, convention)
+    if chosen.core == "sdpa":
+        return sdpa_core(q, k, v, g, chosen)
     if grad:
         return _PRoPEAttention.apply(q, k, v, g, chosen)
     q, k, v = (dense(x) for x in (q, k, v))
