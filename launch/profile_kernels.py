@@ -1,19 +1,23 @@
 """Attention kernel benchmark (GPU): TFLOP/s and peak memory per backend and shape, forward,
-backward and both, with and without gradients; the fused kernels' error against float64
-(--check) and a block-config sweep (--sweep).
+backward and both, with and without gradients; the PRoPE backends' error against float64
+(--check, both camera conventions) and a block-config sweep (--sweep).
 
-Backends: `fused_prope` (the fused PRoPE kernels with their default choice,
-kernels/prope/fused.py `resolve`), the same with one kernel forced (`fused_prope_prepass_fwd`,
-`fused_prope_ws_fwd`, `fused_prope_two_kernel_bwd`, `fused_prope_atomic_bwd`), `reference_prope`
+Backends: `fused_prope` (the PRoPE kernels with their default choice, kernels/prope/fused.py
+`resolve`), the same with one attention core forced (`fused_prope_fused_core`: the fused Triton
+kernels; `fused_prope_sdpa_core`: Triton transform passes around PyTorch SDPA, cuDNN first) or
+one fused kernel (`fused_prope_prepass_fwd`, `fused_prope_ws_fwd`, `fused_prope_two_kernel_bwd`,
+`fused_prope_atomic_bwd`), `reference_prope`
 (the PyTorch reference: transforms around SDPA), plain `sdpa_flash` (FA2) and `sdpa_cudnn`,
 `flash_attn` when installed (kernels.attention's choice: the FA2 API, else FA4's
 flash_attn.cute) and `flash_attn_4` (FA4 itself; "unavailable" and why when it does not import:
 launch/fa4_wheels.sh carries it to the GPU machine; "unsupported" outside its head dims).
 Shapes and FLOP counts: kernels/prope/bench.py. --sweep times the kernels' candidate configs
 (kernels/prope/sweeps.py) on --sweep-shapes and runs the table with the fastest per padded d.
+--check measures every PRoPE backend asked for (`*_prope*`) in bf16, textbook and release
+conventions; timings use --convention (the conventions differ only in matrix values).
 
     python launch/profile_kernels.py --out DIR [--check] [--sweep] [--shapes d64,backbone_d48]
-                                     [--backends fused_prope,sdpa_cudnn]
+                                     [--backends fused_prope,sdpa_cudnn] [--convention release]
     python launch/profile_kernels.py --list [--backends ...]
 Writes DIR/profile_kernels.json (after every row) and DIR/profile_kernels.md; prints the table.
 """
@@ -34,7 +38,7 @@ from kernels.benchmarking import env_info, markdown_table, require_cuda, write_r
 from kernels.prope.bench import SHAPES, accuracy, attention_flops, make_inputs, profile
 from kernels.prope.configs import PRoPEKernels, padded
 from kernels.prope.fused import prope_attention
-from kernels.prope.reference import prope_attention_ref
+from kernels.prope.reference import CONVENTIONS, prope_attention_ref
 from kernels.prope.sweeps import BLOCK_CANDIDATES, sweep_blocks
 
 
@@ -69,9 +73,10 @@ def flash_attn_4():
     return f
 
 
-def backends(names=(), base: PRoPEKernels = PRoPEKernels()) -> dict:
+def backends(names=(), base: PRoPEKernels = PRoPEKernels(), convention: str = "textbook") -> dict:
     """Backend name -> fn(q, k, v, w2c, K, patches, image), or -> why it is unavailable, for
-    `names` in their order (default all); `base`: the fused kernels' choice (a sweep's)."""
+    `names` in their order (default all); `base`: the fused kernels' choice (a sweep's);
+    `convention`: the PRoPE backends' camera convention."""
     def sdpa(kind):
         def f(q, k, v, *cam):
             with sdpa_kernel([kind]):
@@ -80,12 +85,16 @@ def backends(names=(), base: PRoPEKernels = PRoPEKernels()) -> dict:
 
     def fused(**force):
         choice = replace(base, **force)
-        return lambda q, k, v, *cam: prope_attention(q, k, v, *cam, kernels=choice)
-    out = {"fused_prope": fused(), "fused_prope_prepass_fwd": fused(forward="prepass"),
+        return lambda q, k, v, *cam: prope_attention(q, k, v, *cam, kernels=choice,
+                                                     convention=convention)
+    out = {"fused_prope": fused(), "fused_prope_fused_core": fused(core="fused"),
+           "fused_prope_sdpa_core": fused(core="sdpa"),
+           "fused_prope_prepass_fwd": fused(forward="prepass"),
            "fused_prope_ws_fwd": fused(forward="ws"),
            "fused_prope_two_kernel_bwd": fused(backward="two_kernel"),
            "fused_prope_atomic_bwd": fused(backward="atomic"),
-           "reference_prope": prope_attention_ref,
+           "reference_prope": lambda q, k, v, *cam: prope_attention_ref(
+               q, k, v, *cam, convention=convention),
            "sdpa_flash": sdpa(SDPBackend.FLASH_ATTENTION),
            "sdpa_cudnn": sdpa(SDPBackend.CUDNN_ATTENTION)}
     if flash_attn_available():
@@ -125,12 +134,29 @@ def table(results: dict) -> str:
     return markdown_table(("shape", "backend") + COLUMNS, rows)
 
 
+def check_table(check: dict) -> str:
+    """Error ratios (backend / bf16 reference, against float64) per shape and convention."""
+    quantities = ("o", "dq", "dk", "dv", "o_infer")
+    rows = []
+    for shape, by_conv in check.items():
+        for conv, res in by_conv.items():
+            for name in (n for n in res if n not in ("reference", "ratio")):
+                r = res["ratio"].get(name)
+                rows.append([shape, conv, name] + ([f"{r[n]:.2f}" for n in quantities] if r else
+                                                   [res[name]["error"][:60]] + [""] * 4))
+    return markdown_table(("shape", "convention", "backend", "o", "dq", "dk", "dv", "o no grad"),
+                          rows)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default=",".join(SHAPES), help=f"of {', '.join(SHAPES)}")
     ap.add_argument("--backends", default="", help="comma-separated (default all)")
-    ap.add_argument("--check", action="store_true", help="bf16 error vs float64, fused and ref")
+    ap.add_argument("--check", action="store_true",
+                    help="bf16 error vs float64 of the PRoPE backends and the reference")
+    ap.add_argument("--convention", default="textbook", choices=CONVENTIONS,
+                    help="PRoPE camera convention of the timed rows")
     ap.add_argument("--sweep", action="store_true", help="pick block configs per head dim")
     ap.add_argument("--sweep-shapes", default="d64,head_d128",
                     help="shapes to sweep on (configs are per padded head dim: d48 runs as 64)")
@@ -151,7 +177,7 @@ def main() -> int:
         return 0
     out = Path(args.out)
     report = dict(env=env_info(("flash-attn-4", "nvidia-cutlass-dsl")),
-                  shapes={n: vars(SHAPES[n]) for n in shapes})
+                  shapes={n: vars(SHAPES[n]) for n in shapes}, convention=args.convention)
 
     def save():
         write_results(out / "profile_kernels.json", report)
@@ -159,9 +185,14 @@ def main() -> int:
     if args.check:
         report["check"] = {}
         for name in shapes:
-            report["check"][name] = accuracy(prope_attention, SHAPES[name], torch.bfloat16)
-            print("check", name, json.dumps(report["check"][name]["ratio"]), flush=True)
-            save()
+            report["check"][name] = {}
+            for conv in CONVENTIONS:
+                fns = {n: fn for n, fn in backends(wanted, convention=conv).items()
+                       if "_prope" in n and n != "reference_prope" and callable(fn)}
+                res = accuracy(fns, SHAPES[name], torch.bfloat16, convention=conv)
+                report["check"][name][conv] = res
+                print("check", name, conv, json.dumps(res["ratio"]), flush=True)
+                save()
     chosen = {}   # padded head dim -> the sweep's choice
     if args.sweep:
         report["sweep_log"], report["configs"] = [], {}
@@ -176,7 +207,8 @@ def main() -> int:
     for name in shapes:
         shape = SHAPES[name]
         q, k, v, w2c, K, patches, image = make_inputs(shape, torch.bfloat16)
-        bks = backends(wanted, chosen.get(padded(shape.head_dim), PRoPEKernels()))
+        bks = backends(wanted, chosen.get(padded(shape.head_dim), PRoPEKernels()),
+                       args.convention)
         report["results"][name] = {}
         for bname, fn in bks.items():
             r = run_backend(fn, q, k, v, (w2c, K, patches, image), attention_flops(shape))
@@ -186,6 +218,9 @@ def main() -> int:
             save()
         torch.cuda.empty_cache()
     md = table(report["results"])
+    if args.check:
+        md += "\n\nError against float64 / the bf16 reference's (at most 2 expected):\n\n"
+        md += check_table(report["check"])
     (out / "profile_kernels.md").write_text(
         f"# Attention kernels on {report['env']['device']}\n\n{json.dumps(report['env'])}\n\n"
         f"{md}\n")

@@ -10,6 +10,7 @@ parts (timers, peak memory, environment, JSON) are kernels/benchmarking.py's.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 from typing import Callable, Optional, Sequence
 
 import torch
@@ -150,18 +151,28 @@ def float64_errors(fn: Callable, q: Tensor, k: Tensor, v: Tensor, cam: Sequence,
     return {name: rel_error(a, w.to(a.device)) for name, a, w in zip(NAMES, got, want)}
 
 
-def accuracy(fused: Callable, shape: Shape, dtype: torch.dtype, device="cuda") -> dict:
-    """Errors of the fused backend and of the reference run in dtype against the float64
-    reference (B 1, 2 heads, the shape's N): output and gradients, and the no-grad output
-    ("o_infer"); "ratio": fused / reference, per quantity."""
+def accuracy(candidates: dict, shape: Shape, dtype: torch.dtype, device="cuda",
+             convention: str = "textbook") -> dict:
+    """Errors against the float64 reference (B 1, 2 heads, the shape's N; `convention`) of each
+    candidate (name -> fn) and of the reference, run in dtype: output and gradients, and the
+    no-grad output ("o_infer"); "ratio": name -> candidate / reference, per quantity. A
+    candidate that cannot run here or gives non-finite values gets {"error": why}."""
     q, k, v, w2c, K, patches, image = make_inputs(shape, torch.float64, device, seed=1, batch=1,
                                                   heads=2)
     cam = (w2c, K, patches, image)
     do = torch.randn_like(q)
-    want = outputs_and_grads(prope_attention_ref, q, k, v, cam, do, torch.float64)
+    ref = partial(prope_attention_ref, convention=convention)
+    want = outputs_and_grads(ref, q, k, v, cam, do, torch.float64)
     out = {}
-    for name, fn in (("fused", fused), ("reference", prope_attention_ref)):
-        out[name] = float64_errors(fn, q, k, v, cam, do, dtype, want)
-        out[name]["o_infer"] = float64_errors(fn, q, k, v, cam, None, dtype, want[:1])["o"]
-    out["ratio"] = {n: out["fused"][n] / out["reference"][n] for n in out["fused"]}
+    for name, fn in [("reference", ref)] + list(candidates.items()):
+        try:
+            out[name] = float64_errors(fn, q, k, v, cam, do, dtype, want)
+            out[name]["o_infer"] = float64_errors(fn, q, k, v, cam, None, dtype, want[:1])["o"]
+        except (ValueError, RuntimeError, FloatingPointError) as e:
+            if name == "reference":
+                raise
+            out[name] = {"error": f"{type(e).__name__}: {e}"[:300]}
+    ref_errors = out["reference"]
+    out["ratio"] = {name: {n: out[name][n] / ref_errors[n] for n in ref_errors}
+                    for name in candidates if "error" not in out[name]}
     return out
