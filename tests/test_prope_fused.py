@@ -30,6 +30,10 @@ from tests.triton_interp import (ON_INTERPRETER, assert_errors_within_twice,
 
 test_interpreter_cases_in_subprocess = interpreter_subprocess_test(__file__)
 
+# The fused core: what these tests exercise (the default core is "sdpa" at every head dim the
+# kernels take, configs.DEFAULT_CORE; tests/test_prope_sdpa_core.py covers that one).
+FUSED = PRoPEKernels(core="fused")
+
 
 def run_both(q, k, v, w2c, K, patches, image, fused_dtype=torch.float32, device="cpu", seed=1,
              kernels=None, convention="textbook"):
@@ -38,7 +42,7 @@ def run_both(q, k, v, w2c, K, patches, image, fused_dtype=torch.float32, device=
     do = torch.randn(q.shape, generator=g, dtype=torch.float64)
     ins = [t.detach().to(device, fused_dtype).clone().requires_grad_(True) for t in (q, k, v)]
     o = prope_attention(*ins, w2c.to(device, torch.float32), K.to(device, torch.float32),
-                        patches, image, kernels=kernels, convention=convention)
+                        patches, image, kernels=kernels or FUSED, convention=convention)
     o.backward(do.to(device, fused_dtype))
     refs = [t.detach().double().clone().requires_grad_(True) for t in (q, k, v)]
     r = prope_attention_ref(*refs, w2c.double(), K.double(), patches, image,
@@ -81,7 +85,7 @@ def test_interp_inference_forward_matches_reference(d, V, patches, convention, m
     calls = spy(monkeypatch, "forward_prepass")
     with torch.no_grad():
         o = prope_attention(q.float(), k.float(), v.float(), w2c.float(), K.float(), patches,
-                            image, convention=convention)
+                            image, kernels=FUSED, convention=convention)
     assert calls == ["forward_prepass"]
     r = prope_attention_ref(q, k, v, w2c, K, patches, image, convention=convention)
     assert rel(o, r) <= 1e-4, rel(o, r)
@@ -110,7 +114,7 @@ def test_interp_strided_inputs_and_batch():
     N = q.shape[2]
     qs, ks, vs = (t.transpose(1, 2).contiguous().float().requires_grad_(True) for t in (q, k, v))
     o = prope_attention(qs.transpose(1, 2), ks.transpose(1, 2), vs.transpose(1, 2),
-                        w2c.float(), K.float(), patches, image)
+                        w2c.float(), K.float(), patches, image, kernels=FUSED)
     assert o.shape == (B, h, N, d)
     do = torch.randn(o.shape, dtype=torch.float64)
     o.backward(do.float())
@@ -177,7 +181,7 @@ def test_default_policy(d, monkeypatch):
     for hopper in (True, False):
         monkeypatch.setattr(fused, "ws_supported", lambda x: hopper)
         monkeypatch.setattr(fused, "dq_tma_available", lambda x: hopper)
-        with_grad, without = resolve(None, q, grad=True), resolve(PRoPEKernels(), q, grad=False)
+        with_grad, without = resolve(FUSED, q, grad=True), resolve(FUSED, q, grad=False)
         assert with_grad.forward == "prepass"
         assert without.forward == ("ws" if hopper else "prepass")
         want = "atomic" if hopper and d == 64 else "two_kernel"
@@ -268,9 +272,9 @@ def test_gpu_float32(d, convention, core):
 
 @pytest.mark.gpu
 def test_gpu_entry_point_follows_the_default_policy(monkeypatch):
-    """kernels.attention with cameras on a Hopper GPU: the warp-specialised forward without a
-    graph, the pre-pass forward through the autograd Function; both within twice the bf16
-    reference's error."""
+    """kernels.attention with cameras and the fused core on a Hopper GPU: the warp-specialised
+    forward without a graph, the pre-pass forward through the autograd Function; both within
+    twice the bf16 reference's error."""
     if torch.cuda.get_device_capability()[0] != 9:
         pytest.skip("the warp-specialised forward needs a Hopper GPU (sm_90)")
     q, k, v, (w2c, K, patches, image) = gpu_case(torch.bfloat16, 64, 2, (4, 4), B=1, h=2)
@@ -278,9 +282,9 @@ def test_gpu_entry_point_follows_the_default_policy(monkeypatch):
     ws_calls, pre_calls = spy(monkeypatch, "forward_ws"), spy(monkeypatch, "forward_prepass")
     q16, k16, v16 = (t.bfloat16() for t in (q, k, v))
     with torch.no_grad():
-        out = attention(q16, k16, v16, cams)
+        out = attention(q16, k16, v16, cams, prope_kernels=FUSED)
     assert ws_calls == ["forward_ws"] and pre_calls == [] and out.dtype == torch.bfloat16
-    out2 = attention(q16.clone().requires_grad_(), k16, v16, cams)
+    out2 = attention(q16.clone().requires_grad_(), k16, v16, cams, prope_kernels=FUSED)
     assert pre_calls == ["forward_prepass"] and out2.grad_fn is not None
     base = prope_attention_ref(q16, k16, v16, w2c, K, patches, image)
     want = prope_attention_ref(q, k, v, w2c, K, patches, image)

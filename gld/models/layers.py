@@ -81,6 +81,13 @@ class TimestepEmbedder(nn.Module):
         return self.mlp(emb.to(self.mlp[0].weight.dtype))
 
 
+@torch.compiler.disable
+def _attention(q, k, v, cameras, backend, prope_kernels):
+    """kernels.attention, left out of torch.compile graphs: its Triton kernels sit inside
+    autograd Functions that dynamo cannot trace; a compiled block fuses everything around it."""
+    return attention(q, k, v, cameras, backend=backend, prope_kernels=prope_kernels)
+
+
 class SelfAttention(nn.Module):
     """Multi-head self-attention over all views' tokens through `kernels.attention` (PRoPE when
     cameras are given). No qk-norm, as in the release."""
@@ -97,7 +104,7 @@ class SelfAttention(nn.Module):
                 prope_kernels: Optional[PRoPEKernels] = None) -> Tensor:
         B, L, W = x.shape
         q, k, v = self.qkv(x).view(B, L, 3, self.heads, W // self.heads).permute(2, 0, 3, 1, 4)
-        o = attention(q, k, v, cameras, backend=backend, prope_kernels=prope_kernels)  # (B, h, L, d)
+        o = _attention(q, k, v, cameras, backend, prope_kernels)      # (B, h, L, d)
         return self.proj(o.transpose(1, 2).reshape(B, L, W))
 
 

@@ -21,8 +21,13 @@ FORWARDS = ("auto", "prepass", "ws")
 BACKWARDS = ("auto", "two_kernel", "atomic")
 
 # The attention core that PRoPEKernels(core="auto") runs, per head dim (others: "fused"). The
-# one place to change it; launch/bench_train_step.py's per-path results decide.
-DEFAULT_CORE = {48: "fused", 64: "fused", 128: "fused"}
+# one place to change it; launch/bench_train_step.py's per-path results decide. H200, 2026-12-04
+# (launch/results/bench_train_step_h200_2026-12-04.md): the SDPA core (cuDNN) is faster at every
+# head dim, with and without gradients (fwd+bwd TFLOP/s d48 327 vs 279, d64 410 vs 377, d128 474
+# vs 358; the level-1 training step 3.15 vs 2.88 samples/s at batch 4, same peak memory). The
+# fused core stays for its lower transient memory (no-grad warp-specialised forward) and GPUs
+# without cuDNN's fast path: PRoPEKernels(core="fused").
+DEFAULT_CORE = {48: "sdpa", 64: "sdpa", 128: "sdpa"}
 
 
 def default_core(d: int) -> str:
