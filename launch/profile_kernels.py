@@ -34,8 +34,9 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from kernels.attention import attention, flash_attn_available
-from kernels.benchmarking import env_info, markdown_table, require_cuda, write_results
-from kernels.prope.bench import SHAPES, accuracy, attention_flops, make_inputs, profile
+from kernels.benchmarking import env_info, require_cuda, write_results
+from kernels.prope.bench import (SHAPES, accuracy, accuracy_table, attention_flops,
+                                  make_inputs, profile, profile_table)
 from kernels.prope.configs import PRoPEKernels, padded
 from kernels.prope.fused import prope_attention
 from kernels.prope.reference import CONVENTIONS, prope_attention_ref
@@ -115,39 +116,6 @@ def run_backend(fn, q, k, v, cam, flop) -> dict:
         return dict(error=_one_line(e)[:300])
 
 
-COLUMNS = ("inference fwd TFLOP/s", "fwd TFLOP/s", "bwd TFLOP/s", "fwd+bwd TFLOP/s",
-           "inference fwd ms", "fwd ms", "fwd+bwd ms", "peak inference fwd MiB", "peak fwd MiB",
-           "peak fwd+bwd MiB")
-KEYS = (("infer_tflops", "0f"), ("fwd_tflops", "0f"), ("bwd_tflops", "0f"), ("both_tflops", "0f"),
-        ("infer_ms", "3f"), ("fwd_ms", "3f"), ("both_ms", "3f"), ("peak_infer_mib", "0f"),
-        ("peak_fwd_mib", "0f"), ("peak_both_mib", "0f"))
-
-
-def table(results: dict) -> str:
-    rows = []
-    for shape, by_backend in results.items():
-        for name, r in by_backend.items():
-            why = next((w for w in ("unavailable", "unsupported", "error") if w in r), None)
-            cells = ([f"{why}: {r[why][:60]}"] + [""] * (len(KEYS) - 1) if why else
-                     [format(r[key], "." + fmt) for key, fmt in KEYS])
-            rows.append([shape, name] + cells)
-    return markdown_table(("shape", "backend") + COLUMNS, rows)
-
-
-def check_table(check: dict) -> str:
-    """Error ratios (backend / bf16 reference, against float64) per shape and convention."""
-    quantities = ("o", "dq", "dk", "dv", "o_infer")
-    rows = []
-    for shape, by_conv in check.items():
-        for conv, res in by_conv.items():
-            for name in (n for n in res if n not in ("reference", "ratio")):
-                r = res["ratio"].get(name)
-                rows.append([shape, conv, name] + ([f"{r[n]:.2f}" for n in quantities] if r else
-                                                   [res[name]["error"][:60]] + [""] * 4))
-    return markdown_table(("shape", "convention", "backend", "o", "dq", "dk", "dv", "o no grad"),
-                          rows)
-
-
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
@@ -217,10 +185,10 @@ def main() -> int:
                                 if isinstance(v2, float)} or r, flush=True)
             save()
         torch.cuda.empty_cache()
-    md = table(report["results"])
+    md = profile_table(report["results"])
     if args.check:
         md += "\n\nError against float64 / the bf16 reference's (at most 2 expected):\n\n"
-        md += check_table(report["check"])
+        md += accuracy_table(report["check"])
     (out / "profile_kernels.md").write_text(
         f"# Attention kernels on {report['env']['device']}\n\n{json.dumps(report['env'])}\n\n"
         f"{md}\n")

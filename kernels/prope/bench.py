@@ -16,10 +16,10 @@ from typing import Callable, Optional, Sequence
 import torch
 from torch import Tensor
 
-from kernels.benchmarking import PeakMemory, rel_error, tflops, time_ms
+from kernels.benchmarking import PeakMemory, markdown_table, rel_error, tflops, time_ms
 from kernels.prope.reference import prope_attention_ref
 
-__all__ = ["Shape", "SHAPES", "PATCH", "BACKWARD_FLOPS", "random_cameras", "random_inputs",
+__all__ = ["profile_table", "accuracy_table", "Shape", "SHAPES", "PATCH", "BACKWARD_FLOPS", "random_cameras", "random_inputs",
            "make_inputs", "attention_flops", "profile", "outputs_and_grads", "float64_errors",
            "accuracy"]
 
@@ -176,3 +176,37 @@ def accuracy(candidates: dict, shape: Shape, dtype: torch.dtype, device="cuda",
     out["ratio"] = {name: {n: out[name][n] / ref_errors[n] for n in ref_errors}
                     for name in candidates if "error" not in out[name]}
     return out
+
+
+PROFILE_COLUMNS = ("inference fwd TFLOP/s", "fwd TFLOP/s", "bwd TFLOP/s", "fwd+bwd TFLOP/s",
+           "inference fwd ms", "fwd ms", "fwd+bwd ms", "peak inference fwd MiB", "peak fwd MiB",
+           "peak fwd+bwd MiB")
+PROFILE_KEYS = (("infer_tflops", "0f"), ("fwd_tflops", "0f"), ("bwd_tflops", "0f"), ("both_tflops", "0f"),
+        ("infer_ms", "3f"), ("fwd_ms", "3f"), ("both_ms", "3f"), ("peak_infer_mib", "0f"),
+        ("peak_fwd_mib", "0f"), ("peak_both_mib", "0f"))
+
+
+def profile_table(results: dict) -> str:
+    """The markdown table of `profile` rows per shape and backend (why, where one did not run)."""
+    rows = []
+    for shape, by_backend in results.items():
+        for name, r in by_backend.items():
+            why = next((w for w in ("unavailable", "unsupported", "error") if w in r), None)
+            cells = ([f"{why}: {r[why][:60]}"] + [""] * (len(PROFILE_KEYS) - 1) if why else
+                     [format(r[key], "." + fmt) for key, fmt in PROFILE_KEYS])
+            rows.append([shape, name] + cells)
+    return markdown_table(("shape", "backend") + PROFILE_COLUMNS, rows)
+
+
+def accuracy_table(check: dict) -> str:
+    """Error ratios (backend / bf16 reference, against float64) per shape and convention."""
+    quantities = ("o", "dq", "dk", "dv", "o_infer")
+    rows = []
+    for shape, by_conv in check.items():
+        for conv, res in by_conv.items():
+            for name in (n for n in res if n not in ("reference", "ratio")):
+                r = res["ratio"].get(name)
+                rows.append([shape, conv, name] + ([f"{r[n]:.2f}" for n in quantities] if r else
+                                                   [res[name]["error"][:60]] + [""] * 4))
+    return markdown_table(("shape", "convention", "backend", "o", "dq", "dk", "dv", "o no grad"),
+                          rows)
