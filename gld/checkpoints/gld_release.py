@@ -43,9 +43,22 @@ scratch.layer{i}_rn, scratch.refinenet{i}[_aux].*, scratch.output_conv{1,2}[_aux
 loads it over the head of the DA3-Base weights with strict=False; here the head keys it lacks are
 reported as missing (strict=True raises), keys outside the two prefixes are reported as ignored,
 and the tied ray LayerNorm fills its aliases.
+
+**The RGB decoder** (`mae_decoder.pt` with `configs/decoder/ViTXL/config.json`) -> `RGBDecoder`
+through `load_release_decoder(mae_decoder_path, config_json)` (docs/release-facts.md "RGB
+decoder (mae_decoder.pt)"). The config gives width, depth, heads and MLP size
+(decoder_hidden_size, decoder_num_hidden_layers, decoder_num_attention_heads,
+decoder_intermediate_size); its hidden_size and patch_size are overridden by the release's loader
+(6144 = 4 x 1536 input channels, patch 14) and the position table is built for 504 x 504. The
+checkpoint entry is "ema", else "model", else the file; keys "decoder.<name>" map to "<name>",
+which are RGBDecoder's own names (`decoder_embed`, `trainable_cls_token`, `decoder_pos_embed`,
+`decoder_layers.{i}.attention.attention.{query,key,value}`, `.attention.output.dense`,
+`.intermediate.dense`, `.output.dense`, `.layernorm_before/_after`, `decoder_norm`,
+`decoder_pred`). Any missing or unexpected key raises `CheckpointError` naming them.
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping
@@ -57,11 +70,14 @@ from gld.checkpoints.loading import (TORCH_SUFFIXES, CheckpointError, LoadReport
                                      _read_torch, load_into, read_state_dict)
 from gld.diffusion import RELEASE_EVAL_SHIFT, RELEASE_TRAIN_SHIFT, SamplerConfig
 from gld.encoders.da3 import DA3
-from gld.models import DiTConfig, DiTDH
+from gld.encoders.da3.config import PATCH_SIZE
+from gld.models import DecoderConfig, DiTConfig, DiTDH, RGBDecoder
 
 __all__ = ["DPT_DECODER_PREFIXES", "dpt_decoder_to_head", "load_gld_dpt_decoder",
            "RELEASE_DIT_TARGET", "RELEASE_DIT_REQUIRED", "ReleaseDiT", "release_dit_config",
-           "release_dit_state", "load_release_dit"]
+           "release_dit_state", "load_release_dit", "RELEASE_DECODER_IN_CHANNELS",
+           "RELEASE_DECODER_BASE_IMAGE", "release_decoder_config", "release_decoder_state",
+           "load_release_decoder"]
 
 DPT_DECODER_PREFIXES = ("decoder.", "pred.")
 
@@ -302,4 +318,121 @@ def load_release_dit(ckpt_path: PathLike, release_yaml_path: PathLike) -> DiTDH:
     model.eval()
     model.release = ReleaseDiT(checkpoint=str(ckpt_path), yaml=str(release_yaml_path),
                                weights=which, level=level)
+    return model
+
+
+# ---------------------------------------------------------------------------------------------
+# The RGB decoder
+
+# The release's loader sets these itself, whatever its config.json says (RAE_DA3.__init__,
+# stage1/rae_da3.py:106-117): the input is four DA3-Giant levels of 2 x 768 channels, and
+# GeneralDecoder_Variable's position table is defined for 504 x 504 images.
+RELEASE_DECODER_IN_CHANNELS = 1536 * 4
+RELEASE_DECODER_BASE_IMAGE = (504, 504)
+# config.json keys -> DecoderConfig fields
+_DECODER_SIZES = {"decoder_hidden_size": "width", "decoder_num_hidden_layers": "depth",
+                  "decoder_num_attention_heads": "heads", "decoder_intermediate_size": "mlp_dim"}
+# settings RGBDecoder implements only at one value -> (that value, the transformers default)
+_DECODER_REQUIRED = {"hidden_act": ("gelu", "gelu"), "qkv_bias": (True, True),
+                     "num_channels": (3, 3)}
+
+
+def release_decoder_config(config_path: PathLike, *,
+                           in_channels: int = RELEASE_DECODER_IN_CHANNELS,
+                           base_image_size: tuple[int, int] = RELEASE_DECODER_BASE_IMAGE
+                           ) -> DecoderConfig:
+    """DecoderConfig from the release's ViT-MAE decoder `config.json` (a file, or the folder
+    holding it, as `AutoConfig.from_pretrained` takes). Its hidden_size and patch_size are
+    ignored: the release overrides them (in_channels, patch 14). Raises `CheckpointError`
+    naming the file and the key for a missing size or a setting RGBDecoder does not implement.
+    """
+    path = Path(config_path)
+    if path.is_dir():
+        path = path / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"release decoder config not found: {path}")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise CheckpointError(path, f"not readable JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise CheckpointError(path, f"expected a JSON object, found {type(data).__name__}")
+    sizes = {}
+    for key, field_name in _DECODER_SIZES.items():
+        v = data.get(key)
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise CheckpointError(path, f"{key}: expected a positive integer, got {v!r}")
+        sizes[field_name] = v
+    for key, (value, default) in _DECODER_REQUIRED.items():
+        got = data.get(key, default)
+        if got != value:
+            raise CheckpointError(path, f"{key}: {got!r} is not supported; RGBDecoder "
+                                  f"implements only {value!r}")
+    eps = data.get("layer_norm_eps", 1e-12)
+    p = PATCH_SIZE
+    if base_image_size[0] % p or base_image_size[1] % p:
+        raise ValueError(f"base_image_size {base_image_size} must be multiples of {p}")
+    cfg = DecoderConfig(**sizes, patch_size=p, in_channels=in_channels,
+                        base_grid=(base_image_size[0] // p, base_image_size[1] // p),
+                        layer_norm_eps=float(eps))
+    try:
+        cfg.validate(str(path))
+    except ValueError as err:
+        raise CheckpointError(path, str(err)) from err
+    return cfg
+
+
+def release_decoder_state(ckpt_path: PathLike) -> tuple[dict[str, Tensor], str, list[str]]:
+    """(state dict under RGBDecoder's names, which entry, ignored keys).
+
+    The release's rule: `ckpt['ema']`, else `['model']`, else the file itself; of that, the keys
+    starting with "decoder." with it removed. Other keys are not the decoder's (the release
+    skips them too) and come back as ignored; a file with no such key raises, where the release
+    would silently keep a random decoder (e.g. the stage-1 trainer's unprefixed format).
+    """
+    path = Path(ckpt_path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint file not found: {path}")
+    obj = _read_torch(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"expected a dict, found {type(obj).__name__}")
+    which = next((k for k in ("ema", "model") if k in obj), "state dict")
+    state = obj[which] if which != "state dict" else obj
+    if not _is_state_dict(state):
+        what = f"entry {which!r}" if which != "state dict" else "the file"
+        raise CheckpointError(path, f"{what} is not a state dict (str -> tensor); top-level "
+                              f"keys are {sorted(map(str, obj))[:20]}")
+    prefix = "decoder."
+    out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+    ignored = [k for k in state if not k.startswith(prefix)]
+    if not out:
+        raise CheckpointError(path, f"no key of entry {which!r} starts with {prefix!r} (the "
+                              f"release loads only those); found e.g. {list(state)[:5]}")
+    return out, which, ignored
+
+
+def load_release_decoder(mae_decoder_path: PathLike, release_decoder_config_json: PathLike, *,
+                         in_channels: int = RELEASE_DECODER_IN_CHANNELS,
+                         base_image_size: tuple[int, int] = RELEASE_DECODER_BASE_IMAGE
+                         ) -> RGBDecoder:
+    """The release's RGB decoder (`mae_decoder.pt` with its config.json) as an `RGBDecoder` in
+    eval mode. in_channels and base_image_size are what the release's loader fixes (6144 and
+    504 x 504); other values only serve smaller test files.
+
+    Raises `CheckpointError` naming the file and every missing or unexpected key (the release
+    loads with strict=False and would hide them), or the key and both shapes on a mismatch.
+    `.release_weights` says which entry was loaded ("ema", "model" or "state dict").
+    """
+    cfg = release_decoder_config(release_decoder_config_json, in_channels=in_channels,
+                                 base_image_size=base_image_size)
+    state, which, _ = release_decoder_state(mae_decoder_path)
+    model = RGBDecoder(cfg)
+    try:
+        load_into(model, state, where=mae_decoder_path, strict=True)
+    except CheckpointError as err:
+        raise CheckpointError(mae_decoder_path, f"{err.problem} (weights {which!r} without "
+                              f"their 'decoder.' prefix, model built from "
+                              f"{release_decoder_config_json})") from err
+    model.eval()
+    model.release_weights = which
     return model
