@@ -109,8 +109,8 @@ def smooth_images(n, H, W, g):
 
 def test_tiny_decoder_overfits_a_few_samples():
     """4 samples of random levels -> smooth images at 28 x 42 (6 tokens each): after 300 Adam
-    steps the tiny decoder reproduces them past 40 dB PSNR (from ~12 dB at the start; 55 dB
-    reached here). The samples differ only through their levels, so the levels must be used."""
+    steps the tiny decoder reproduces them past 40 dB PSNR (from ~12 dB at the start). The
+    samples differ only through their levels, so the levels must be used."""
     g = torch.Generator().manual_seed(3)
     torch.manual_seed(3)
     H, W = 28, 42

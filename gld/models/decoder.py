@@ -243,12 +243,15 @@ class RGBDecoder(nn.Module):
             keep = torch.rand(B, 1, 1, NUM_LEVELS, device=x.device) >= self.cfg.level_dropout
             x = x * keep.to(x.dtype).repeat_interleave(c, dim=-1)
         x = self.decoder_embed(x.reshape(B * V, N, -1))
-        cls = self.trainable_cls_token.to(x.dtype).expand(B * V, -1, -1)
-        x = torch.cat([cls, x], dim=1) + self.position_table((hp, wp)).to(x.dtype)
+        # Under autocast, x is bf16 but the CLS token fp32: cat promotes, so the residual stream
+        # is fp32 from here, as in the release (its eval decodes under bf16 autocast).
+        x = torch.cat([self.trainable_cls_token.expand(B * V, -1, -1), x], dim=1)
+        x = x + self.position_table((hp, wp)).to(x.dtype)
         for layer in self.decoder_layers:
             x = layer(x)
         logits = self.decoder_pred(self.decoder_norm(x))[:, 1:]
         # unpatchify: token (i, j) holds its patch as (row q, column r, channel)
         img = logits.reshape(B * V, hp, wp, p, p, 3).permute(0, 5, 1, 3, 2, 4)
         img = img.reshape(B, V, 3, H, W)
-        return img * self.pixel_std.to(img.dtype) + self.pixel_mean.to(img.dtype)
+        # fp32 statistics: bf16 logits promote to fp32 here, as in the release
+        return img * self.pixel_std + self.pixel_mean
