@@ -5,3 +5,6 @@ from gld.models.dit import DIT_PRESETS, DiTConfig, DiTDH, dit_preset
 
 __all__ = ["DIT_PRESETS", "DiTConfig", "DiTDH", "dit_preset",
            "DECODER_PRESETS", "DecoderConfig", "RGBDecoder", "decoder_preset"]
+from gld.models.decoder_loss import DecoderLoss, DecoderLossConfig
+
+__all__ += ["DecoderLoss", "DecoderLossConfig"]
