@@ -265,6 +265,22 @@ def _is_state_dict(obj: Any) -> bool:
         isinstance(k, str) and isinstance(v, Tensor) for k, v in obj.items())
 
 
+def _release_entry(path: Path) -> tuple[Mapping, str]:
+    """The release's pick from a torch file: `ckpt['ema']`, else `['model']`, else the file
+    itself (its `ckpt.get('ema', ckpt.get('model', ckpt))`), checked to be a state dict; with
+    which entry it was ("ema", "model" or "state dict")."""
+    obj = _read_torch(path)
+    if not isinstance(obj, Mapping):
+        raise CheckpointError(path, f"expected a dict, found {type(obj).__name__}")
+    which = next((k for k in ("ema", "model") if k in obj), "state dict")
+    state = obj[which] if which != "state dict" else obj
+    if not _is_state_dict(state):
+        what = f"entry {which!r}" if which != "state dict" else "the file"
+        raise CheckpointError(path, f"{what} is not a state dict (str -> tensor); top-level "
+                              f"keys are {sorted(map(str, obj))[:20]}")
+    return state, which
+
+
 def release_dit_state(ckpt_path: PathLike) -> tuple[dict[str, Tensor], str]:
     """(state dict under DiTDH's key names, which entry: "ema", "model" or "state dict").
 
@@ -280,15 +296,7 @@ def release_dit_state(ckpt_path: PathLike) -> tuple[dict[str, Tensor], str]:
         if path.suffix not in TORCH_SUFFIXES:
             raise CheckpointError(path, f"unknown checkpoint format {path.suffix!r}; expected "
                                   f".safetensors or one of {', '.join(TORCH_SUFFIXES)}")
-        obj = _read_torch(path)
-        if not isinstance(obj, Mapping):
-            raise CheckpointError(path, f"expected a dict, found {type(obj).__name__}")
-        which = next((k for k in ("ema", "model") if k in obj), "state dict")
-        state = obj[which] if which != "state dict" else obj
-        if not _is_state_dict(state):
-            what = f"entry {which!r}" if which != "state dict" else "the file"
-            raise CheckpointError(path, f"{what} is not a state dict (str -> tensor); "
-                                  f"top-level keys are {sorted(map(str, obj))[:20]}")
+        state, which = _release_entry(path)
     prefix = "module."
     out = {}
     for key, value in state.items():
@@ -393,15 +401,7 @@ def release_decoder_state(ckpt_path: PathLike) -> tuple[dict[str, Tensor], str, 
     path = Path(ckpt_path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint file not found: {path}")
-    obj = _read_torch(path)
-    if not isinstance(obj, Mapping):
-        raise CheckpointError(path, f"expected a dict, found {type(obj).__name__}")
-    which = next((k for k in ("ema", "model") if k in obj), "state dict")
-    state = obj[which] if which != "state dict" else obj
-    if not _is_state_dict(state):
-        what = f"entry {which!r}" if which != "state dict" else "the file"
-        raise CheckpointError(path, f"{what} is not a state dict (str -> tensor); top-level "
-                              f"keys are {sorted(map(str, obj))[:20]}")
+    state, which = _release_entry(path)
     prefix = "decoder."
     out = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
     ignored = [k for k in state if not k.startswith(prefix)]

@@ -178,6 +178,8 @@ class DiTDH(nn.Module):
         inp = torch.cat([source, x_t], dim=-1)
         src = is_src[:, :, None, None]
         w_dtype = self.s_embedder_ref.proj.weight.dtype
+        # Both embedders run on every view and `where` picks per view: static shapes for compile
+        # and any is_src pattern, at the cost of two 1x1 embeddings (< 1% of the model's FLOPs).
         s = torch.where(src, self.s_embedder_ref(inp), self.s_embedder_tgt(inp))
         s = s + self.camera_embedder(cam_map.flatten(0, 1).to(w_dtype)).view(B, V, N, -1)
         s = s.flatten(1, 2)
