@@ -1,8 +1,8 @@
 """The run's configuration: the sections of the components that exist, composed into one tree.
 
 Each section's dataclass lives beside the code that reads it: `data` in gld/data/config.py,
-`diffusion` in gld/diffusion/config.py, `latent` in gld/latents/config.py (sections for the
-model, the trainer and evaluation arrive with their code). This module only composes them:
+`diffusion` in gld/diffusion/config.py, `latent` in gld/latents/config.py, `model` in
+gld/models/config.py (sections for the trainer and evaluation arrive with their code). This module only composes them:
 `load_config` reads YAML (`extends:` names a base file, relative to the including file),
 applies dotted command-line overrides (`--data.num_views=6` or `--data.num_views 6`, values
 parsed as YAML) and validates once, each section and then the rules that span sections; unknown
@@ -22,8 +22,9 @@ import yaml
 from gld.configtypes import ConfigError, deep_merge, from_dict, set_dotted, to_dict
 from gld.data.config import DataConfig
 from gld.diffusion.config import DiffusionConfig
-from gld.encoders.da3.config import PATCH_SIZE
+from gld.encoders.da3.config import PATCH_SIZE, resolve_variant
 from gld.latents.config import LatentConfig
+from gld.models.config import ModelConfig
 
 __all__ = ["ConfigError", "Config", "load_config", "save_config", "parse_overrides"]
 
@@ -34,13 +35,21 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
 
     def validate(self) -> "Config":
         # Images enter the DA3 encoder, so every resolution must be a whole number of its patches.
         self.data.validate("data", patch_size=PATCH_SIZE)
         self.diffusion.validate("diffusion")
         self.latent.validate("latent")
+        # The networks' channel counts follow from the encoder: one level is 2C wide.
+        self.model.validate("model", level_channels=self.level_channels)
         return self
+
+    @property
+    def level_channels(self) -> int:
+        """2C: channels of one DA3 level (a latent token) for `latent.encoder`."""
+        return 2 * resolve_variant(self.latent.encoder).dim
 
     def to_dict(self) -> dict:
         return to_dict(self)

@@ -61,9 +61,9 @@ def test_extends(tmp_path):
 
 def test_only_sections_with_code():
     """The tree holds the sections whose code exists; the others arrive with their code."""
-    assert list(Config().to_dict()) == ["name", "data", "diffusion", "latent"]
+    assert list(Config().to_dict()) == ["name", "data", "diffusion", "latent", "model"]
     with pytest.raises(ConfigError, match=r"unknown key 'optim'; allowed keys here: name, data, "
-                                          r"diffusion, latent"):
+                                          r"diffusion, latent, model"):
         load_config(None, ["--optim.lr=1e-4"])
 
 
