@@ -211,28 +211,50 @@ def test_export_equals_gathered_weights_and_reference_ema(work):
 
 
 # ---- 6. resume from 2 ranks onto 1 ------------------------------------------------------------------
-def test_resume_two_ranks_onto_one(work):
+def _check_resumed_start(src: Path, out: Path, folder: Path) -> None:
+    """Right after the resume: step, fp32 weights, EMA (exact), schedule and data position."""
     from gld.train.checkpoint import export_model
 
-    src = _z3(work)
-    folder = src / "checkpoints" / "step_00000004"
-    out = launch(work, "onto_one", 1, train={"zero_stage": 2, "steps": 6, "resume": str(folder)},
-                 data={"batch_size": 4}, report_at_start=True)
     start = torch.load(out / "start.pt", weights_only=False)
     assert start["step"] == 4
     saved_raw, saved_ema = export_model(folder, "raw"), export_model(folder, "ema")
-    for k in saved_raw:  # fp32 master weights and EMA: exact
+    for k in saved_raw:
         assert torch.equal(start["raw"][k], saved_raw[k]), k
         assert torch.equal(start["ema"][k], saved_ema[k]), k
-    ref = metrics(src)
-    assert start["lr"][0] == ref[4]["lr"]  # the schedule continues (lr of step 5)
+    assert start["lr"][0] == metrics(src)[4]["lr"]  # the schedule continues (lr of step 5)
     # data: step 5 reads the same 4 samples the 2 ranks read (rank 0's 2, then rank 1's 2)
-    two = reports(src)
-    want = [i for r in two for s, ids in r["seen"] if s == 5 for i in ids]
-    got = [ids for s, ids in reports(out)[0]["seen"] if s == 5]
-    assert got == [want]
-    # step 5's loss comes from the restored weights and data (Adam moments restart after it)
-    assert_losses_close(metrics(out), ref, [5])
+    want = [i for r in reports(src) for s, ids in r["seen"] if s == 5 for i in ids]
+    assert [ids for s, ids in reports(out)[0]["seen"] if s == 5] == [want]
+
+
+@pytest.mark.parametrize("zero", [2, 3])
+def test_resume_two_ranks_onto_one_restores_adam_state(work, zero):
+    src = _z3(work) if zero == 3 else run_once(work, "z2", 2, train={"zero_stage": 2})
+    folder = src / "checkpoints" / "step_00000004"
+    out = launch(work, f"onto_one_z{zero}", 1, train={"zero_stage": zero, "resume": str(folder)},
+                 data={"batch_size": 4}, report_at_start=True)
+    meta = reports(out)[0]["resume_meta"]
+    assert meta["step"] == 4 and not meta["same_world"] and meta["optimizer_restored"]
+    _check_resumed_start(src, out, folder)
+    # weights, Adam moments (through DeepSpeed's universal checkpoint), schedule and data all
+    # continue: the 1-rank losses of steps 5-8 are the 2-rank ones to the fp32 tolerance
+    got = metrics(out)
+    assert sorted(got) == [5, 6, 7, 8]
+    assert_losses_close(got, metrics(src), range(5, 9))
+    assert not (out / "checkpoints" / "universal" / folder.name).exists()  # scratch removed
+
+
+def test_resume_two_ranks_zero3_onto_one_rank_zero2(work):
+    """Another ZeRO stage: weights, EMA, schedule and data exact; Adam moments restart."""
+    src = _z3(work)
+    folder = src / "checkpoints" / "step_00000004"
+    out = launch(work, "z3_onto_one_z2", 1, train={"zero_stage": 2, "steps": 5,
+                                                "resume": str(folder)},
+                 data={"batch_size": 4}, report_at_start=True)
+    meta = reports(out)[0]["resume_meta"]
+    assert not meta["same_world"] and not meta["optimizer_restored"]
+    _check_resumed_start(src, out, folder)
+    assert_losses_close(metrics(out), metrics(src), [5])  # same weights, same data
 
 
 # ---- 7. non-finite loss: stop naming the step, or skip and count ------------------------------------

@@ -76,6 +76,7 @@ def main(args: dict) -> None:
         trainer = Trainer(stage, tcfg, loader, run_config={"train": args["train"],
                                                            "data": args["data"]},
                           callbacks=[Probe()], progress=False)
+        report["resume_meta"] = trainer.resume_meta
         if args.get("reference_ema") and rank == 0:
             ref_ema.update(gathered(trainer.engine.module))
         elif args.get("reference_ema"):

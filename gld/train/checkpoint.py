@@ -21,9 +21,13 @@ and leftover incomplete folders older than it.
 
 Resume on the same world size goes through DeepSpeed's `load_checkpoint` (weights, fp32
 master, Adam moments: bit-exact). On another world size DeepSpeed's per-rank ZeRO files do not
-fit, so: fp32 master weights from `get_fp32_state_dict_from_zero_checkpoint` (exact), EMA
-re-sliced (exact), LR schedule, step and the data position in global samples (exact); the Adam
-moments start again from zero (not carried across world sizes).
+fit. With the same ZeRO stage (>= 1) rank 0 converts the checkpoint to DeepSpeed's universal
+format (`deepspeed.checkpoint.ds_to_universal`, into <out_dir>/checkpoints/universal/, removed
+after loading) and the engine, built with `"checkpoint": {"load_universal": true}`, loads fp32
+master weights and Adam moments from it. Otherwise (another ZeRO stage, or ZeRO-0) the fp32
+master weights come from `get_fp32_state_dict_from_zero_checkpoint` and the Adam moments start
+again from zero. Both ways the EMA is re-sliced, and the LR schedule, step and the data position
+(in global samples) are restored exactly.
 """
 from __future__ import annotations
 
@@ -41,7 +45,7 @@ import yaml
 
 __all__ = ["CheckpointError", "step_tag", "checkpoints_root", "publish_latest", "read_latest",
            "is_complete", "list_checkpoints", "prune_checkpoints", "resolve_resume",
-           "read_meta", "save_checkpoint", "load_checkpoint", "load_weights_into_module",
+           "read_meta", "save_checkpoint", "load_checkpoint", "to_universal", "uses_universal", "load_weights_into_module",
            "consolidated_weights", "live_weights", "export_model", "save_safetensors_atomic", "rng_state",
            "set_rng_state"]
 
@@ -281,28 +285,87 @@ def _set_master_weights(te, folder: Path) -> None:
                 p.copy_(sd[name].to(p.device, p.dtype))
 
 
+def to_universal(folder: str | os.PathLike, out: str | os.PathLike) -> Path:
+    """Convert a ZeRO 1-3 checkpoint folder into DeepSpeed's universal format at `out` (per
+    parameter fp32 weights and Adam moments, any world size can load it). One process."""
+    import argparse
+
+    from deepspeed.checkpoint.ds_to_universal import main as ds_to_universal
+
+    out = Path(out)
+    if out.exists():
+        shutil.rmtree(out)
+    ds_to_universal(argparse.Namespace(
+        input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
+        num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True))
+    return out
+
+
+def uses_universal(folder: str | os.PathLike, world_size: int, zero_stage: int) -> bool:
+    """Whether resuming `folder` on `world_size` ranks with `zero_stage` goes through a
+    universal checkpoint: another world size, the same ZeRO stage >= 1 (DeepSpeed's universal
+    model-state files differ between ZeRO-3 and 1-2). The engine must be built with
+    load_universal=True then."""
+    meta = read_meta(folder)
+    return (meta["world_size"] != world_size and meta["zero_stage"] >= 1
+            and meta["zero_stage"] == zero_stage)
+
+
 def load_checkpoint(te, folder: str | os.PathLike, *, loader=None, ema=None,
-                    scheduler=None) -> dict:
+                    scheduler=None, universal_dir: Optional[str | os.PathLike] = None) -> dict:
     """Restore the run from a complete checkpoint folder into TrainEngine `te` (every rank).
     On the saved world size: DeepSpeed's state, RNG and data state per rank, exactly. On another
     one (the weights must already be in the module: `load_weights_into_module` before the
-    engine was built): fp32 master weights, EMA, schedule, step; the data position continues at
-    the same number of global samples; Adam moments restart (see the module docstring).
-    Returns meta.json's dict plus "same_world" (bool)."""
+    engine was built): with `universal_dir` (a scratch folder; the engine built with
+    load_universal=True when `uses_universal`) rank 0 converts the checkpoint to DeepSpeed's
+    universal format there and every rank loads fp32 weights and Adam moments from it; without
+    it only the fp32 weights are set and the Adam moments restart. Either way EMA, schedule and
+    step are restored and the data continues at the same number of global samples.
+    Returns meta.json's dict plus "same_world" and "optimizer_restored" (bools)."""
     folder = Path(folder)
     if not is_complete(folder):
         raise CheckpointError(f"{folder}: not a complete checkpoint (no {COMPLETE})")
     meta = read_meta(folder)
     same_world = meta["world_size"] == te.world_size
     engine = te.engine
+    optimizer_restored = True
     if same_world:
         path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
                                          load_optimizer_states=True,
                                          load_lr_scheduler_states=False)
         if path is None:
             raise CheckpointError(f"{folder}: DeepSpeed could not load it")
+    elif universal_dir is not None and uses_universal(folder, te.world_size,
+                                                      te.config["zero_optimization"]["stage"]):
+        target = Path(universal_dir) / folder.name
+        if te.rank == 0:
+            to_universal(folder, target)
+        _barrier()
+        # DeepSpeed's universal loader (ZeRO-3, 0.19.8) copies group 0's hyperparameters onto
+        # every group, which would put weight decay on the no-decay group: keep the groups' own
+        # (they come from the config; the lr is set from the schedule below).
+        hyper = [{k: v for k, v in g.items() if k not in ("params", "lr")}
+                 for g in te.optimizer.param_groups]
+        path, _ = engine.load_checkpoint(str(target.parent), tag=target.name,
+                                         load_optimizer_states=True,
+                                         load_lr_scheduler_states=False)
+        if path is None:
+            raise CheckpointError(f"{folder}: DeepSpeed could not load its universal form "
+                                  f"{target}")
+        for group, own in zip(te.optimizer.param_groups, hyper):
+            group.update(own)
+        # ...and it gives every group's Adam state the same `step` tensor, which torch's AdamW
+        # increments in place once per group: each group needs its own.
+        for state in te.optimizer.state.values():
+            if torch.is_tensor(state.get("step")):
+                state["step"] = state["step"].clone()
+        _barrier()
+        if te.rank == 0:
+            shutil.rmtree(target, ignore_errors=True)
     else:
         _set_master_weights(te, folder)
+        optimizer_restored = False
+    if not same_world:
         engine.global_steps = meta["step"]
         engine.global_samples = meta["samples_seen"]
     if scheduler is not None and meta.get("scheduler") is not None:
@@ -323,6 +386,7 @@ def load_checkpoint(te, folder: str | os.PathLike, *, loader=None, ema=None,
             raise CheckpointError(f"{folder}: has no EMA but train.ema_decay > 0")
         ema.load(folder)
     meta["same_world"] = same_world
+    meta["optimizer_restored"] = optimizer_restored
     meta["skipped_steps"] = rank_state["skipped_steps"] if rank_state else 0
     return meta
 

@@ -203,10 +203,13 @@ def is_zero3_param(p: torch.Tensor) -> bool:
 
 
 def build_engine(stage, cfg: TrainConfig, micro_batch: int,
-                 device: Optional[torch.device | str] = None) -> TrainEngine:
+                 device: Optional[torch.device | str] = None,
+                 load_universal: bool = False) -> TrainEngine:
     """DeepSpeed engine over `stage.model` (only the trainable module: frozen parts such as the
     encoder stay outside ZeRO and are moved by `stage.to(device)`). Activation checkpointing of
-    `stage.checkpoint_modules` is applied here when cfg.activation_checkpointing."""
+    `stage.checkpoint_modules` is applied here when cfg.activation_checkpointing.
+    load_universal: the engine will load a DeepSpeed universal checkpoint (a resume on another
+    world size, gld/train/checkpoint.py)."""
     import deepspeed
 
     rank, world, device = setup_distributed(device)
@@ -218,6 +221,8 @@ def build_engine(stage, cfg: TrainConfig, micro_batch: int,
     optimizer = build_optimizer(model, cfg, device)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(cfg, s))
     config = ds_config(cfg, micro_batch, world)
+    if load_universal:
+        config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
     if cfg.compile:

@@ -125,11 +125,13 @@ class Trainer:
         self.out_dir = cfg.out_dir
         self.resumed_from = ckpt.resolve_resume(cfg.resume, cfg.out_dir)
         self.resume_meta = None
+        universal = False
         if self.resumed_from is not None:
             if ckpt.read_meta(self.resumed_from)["world_size"] != world:
                 ckpt.load_weights_into_module(stage.model, self.resumed_from)
+                universal = ckpt.uses_universal(self.resumed_from, world, cfg.zero_stage)
         mb = micro_batch if micro_batch is not None else loader.dataset.batch_size
-        self.te: TrainEngine = build_engine(stage, cfg, mb, device)
+        self.te: TrainEngine = build_engine(stage, cfg, mb, device, load_universal=universal)
         self.engine = self.te.engine
         self.ema = EMA(self.engine.module, cfg.ema_decay) if cfg.ema_decay > 0 else None
         seed_everything(cfg.seed, rank)
@@ -137,8 +139,10 @@ class Trainer:
         self.skipped_steps = 0
         self.samples_seen = 0
         if self.resumed_from is not None:
-            meta = ckpt.load_checkpoint(self.te, self.resumed_from, loader=loader, ema=self.ema,
-                                        scheduler=self.te.scheduler)
+            meta = ckpt.load_checkpoint(
+                self.te, self.resumed_from, loader=loader, ema=self.ema,
+                scheduler=self.te.scheduler,
+                universal_dir=ckpt.checkpoints_root(cfg.out_dir) / "universal")
             self.resume_meta = meta
             self.step, self.samples_seen = meta["step"], meta["samples_seen"]
             self.skipped_steps = meta["skipped_steps"]
