@@ -2,7 +2,8 @@
 
 Each section's dataclass lives beside the code that reads it: `data` in gld/data/config.py,
 `diffusion` in gld/diffusion/config.py, `latent` in gld/latents/config.py, `model` in
-gld/models/config.py (sections for the trainer and evaluation arrive with their code). This module only composes them:
+gld/models/config.py, `loss.decoder` in gld/models/decoder_loss.py, `train` in
+gld/train/config.py, `job` (the main job's stages and report) in gld/train/job_config.py. This module only composes them:
 `load_config` reads YAML (`extends:` names a base file, relative to the including file),
 applies dotted command-line overrides (`--data.num_views=6` or `--data.num_views 6`, values
 parsed as YAML) and validates once, each section and then the rules that span sections; unknown
@@ -25,8 +26,18 @@ from gld.diffusion.config import DiffusionConfig
 from gld.encoders.da3.config import PATCH_SIZE, resolve_variant
 from gld.latents.config import LatentConfig
 from gld.models.config import ModelConfig
+from gld.models.decoder_loss import DecoderLossConfig
+from gld.train.config import TrainConfig
+from gld.train.job_config import JobConfig
 
 __all__ = ["ConfigError", "Config", "load_config", "save_config", "parse_overrides"]
+
+
+@dataclass
+class LossConfig:
+    """The stages' losses besides flow matching (whose settings are in `diffusion`)."""
+
+    decoder: DecoderLossConfig = field(default_factory=DecoderLossConfig)
 
 
 @dataclass
@@ -36,6 +47,9 @@ class Config:
     diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
     latent: LatentConfig = field(default_factory=LatentConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    job: JobConfig = field(default_factory=JobConfig)
 
     def validate(self) -> "Config":
         # Images enter the DA3 encoder, so every resolution must be a whole number of its patches.
@@ -44,6 +58,9 @@ class Config:
         self.latent.validate("latent")
         # The networks' channel counts follow from the encoder: one level is 2C wide.
         self.model.validate("model", level_channels=self.level_channels)
+        self.loss.decoder.validate("loss.decoder")
+        self.train.validate("train")
+        self.job.validate("job")
         return self
 
     @property
