@@ -97,8 +97,11 @@ def latest(out: Path) -> str:
     return (out / "checkpoints" / "latest").read_text().strip()
 
 
-def _z3(work):  # ZeRO-3 with activation checkpointing, and a reference EMA of gathered weights
-    return run_once(work, "z3", 2, train={"zero_stage": 3, "activation_checkpointing": True},
+def _z3(work):
+    """ZeRO-3 with activation checkpointing, a reference EMA of the gathered weights, the sample
+    hook every 4 steps and a nominal 1 TFLOP/s peak (MFU logged)."""
+    return run_once(work, "z3", 2, train={"zero_stage": 3, "activation_checkpointing": True,
+                                          "sample_every": 4, "peak_tflops": 1.0},
                     reference_ema=True)
 
 
@@ -127,6 +130,13 @@ def test_zero2_zero3_two_ranks_match_one_rank(work):
         assert m[8]["samples_seen"] == 32
         assert m[1]["lr"] == pytest.approx(0.01) and m[8]["lr"] == pytest.approx(0.001)
     assert not any((work / "torch_extensions").iterdir()), "a DeepSpeed op was JIT-built"
+    # the logged observability fields, and the sample hook (every 4 steps, on every rank)
+    rec = z3[8]
+    assert rec["samples_per_s"] > 0 and rec["tokens_per_s"] == 2 * rec["samples_per_s"]
+    assert 0 < rec["mfu"] < 1 and rec["peak_mem_gib"] > 0 and rec["grad_norm"] > 0
+    assert one[8]["mfu"] is None  # no peak known on a CPU
+    assert sorted(p.name for p in (work / "z3" / "samples").iterdir()) == \
+        ["step_4.json", "step_8.json"]
 
 
 # ---- 2. sharding ------------------------------------------------------------------------------

@@ -5,11 +5,14 @@ Model: (B*V, 3*7*7) -> Linear(147, 32) -> 2 x TinyBlock -> Linear(32, 3). TinyBl
 parameter of its own (`gain`) besides its sub-layers, so activation checkpointing under ZeRO-3
 must gather a block's direct parameters too. `nan_step` / `nan_rank`: the loss is NaN at that
 optimizer step (on that rank only, or every rank when nan_rank is None). `seen` records
-(step, sample ids) of every micro-batch (the data-position checks).
+(step, sample ids) of every micro-batch (the data-position checks). `sample_grid` writes
+<out_dir>/samples/step_<k>.json (the trainer's sample hook).
 """
 from __future__ import annotations
 
+import json
 import os
+from pathlib import Path
 from typing import Optional
 
 import torch
@@ -71,6 +74,17 @@ class TinyStage:
         if step == self.nan_step and (self.nan_rank is None or rank == self.nan_rank):
             loss = loss * float("nan")
         return loss, {"pred_mean": pred.detach().mean()}
+
+    def sample_grid(self, model, batch, step, out_dir):
+        """The optional hook (train.sample_every): a forward on every rank (ZeRO-3 gathers),
+        a file from rank 0."""
+        x, _ = _inputs(batch)
+        with torch.no_grad():
+            pred = model(x.to(next(model.parameters()).dtype)).float()
+        if int(os.environ.get("RANK", 0)) == 0:
+            folder = Path(out_dir) / "samples"
+            folder.mkdir(parents=True, exist_ok=True)
+            (folder / f"step_{step}.json").write_text(json.dumps(pred.mean().item()))
 
     def samples_in(self, batch):
         return batch["images"].shape[0]
