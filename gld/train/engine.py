@@ -12,6 +12,7 @@ the optimizer-step count). Nothing here JIT-builds a DeepSpeed op: no "optimizer
 config (DeepSpeed's CPU Adam is a C++ build), and DeepSpeed's shared-memory all-reduce
 (`deepspeed_shm_comm`, about 100 s to build on first use) is switched off on CPU; DeepSpeed uses it
 only for inference all-reduce, training goes through torch.distributed (gloo).
+train.compile calls DeepSpeed's `engine.compile()` (torch.compile of the wrapped module).
 """
 from __future__ import annotations
 

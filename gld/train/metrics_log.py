@@ -1,6 +1,11 @@
 """Where the trainer's metrics go (rank 0 only): `<out_dir>/metrics.jsonl` (one JSON object per
 log step), wandb when `train.wandb.mode` is not "off", and helpers for throughput and memory.
 
+A record holds: step, loss (mean over micro-batches and ranks), the stage's extra scalars
+(same mean), grad_norm, lr (of the next step), samples_per_s, tokens_per_s (global, over the
+window since the last record), mfu (None without a known peak), peak_mem_gib, skipped_steps,
+samples_seen. A resumed run appends: a later record of the same step supersedes an earlier one.
+
 wandb: "online" only when WANDB_API_KEY is set, otherwise "offline" (files under
 `<out_dir>/wandb`, `wandb sync` later). The config given to wandb is the resolved run config
 with every key that looks secret (key, token, secret, password, credential) dropped; the
