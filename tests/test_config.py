@@ -2,8 +2,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from gld.config import Config, ConfigError, load_config, parse_overrides, save_config
+from gld.data.config import DataConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -40,7 +42,9 @@ def test_overrides_apply_with_types():
     assert cfg.data.s3_endpoint == "http://127.0.0.1:9"
     assert cfg.data.eval.resolution is None
     # Untouched values come from the file, not the defaults.
-    assert cfg.data.view_window == 8 and cfg.diffusion.sampler.steps == 4
+    raw = yaml.safe_load((CONFIGS / "tiny.yaml").read_text())
+    assert cfg.data.view_window == raw["data"]["view_window"] != DataConfig().view_window
+    assert cfg.diffusion.sampler.steps == raw["diffusion"]["sampler"]["steps"] != 50
 
 
 def test_int_is_accepted_for_float_and_stays_float():
@@ -61,9 +65,10 @@ def test_extends(tmp_path):
 
 def test_only_sections_with_code():
     """The tree holds the sections whose code exists; the others arrive with their code."""
-    assert list(Config().to_dict()) == ["name", "data", "diffusion", "latent", "model"]
+    assert list(Config().to_dict()) == ["name", "data", "diffusion", "latent", "model", "loss",
+                                        "train", "job"]
     with pytest.raises(ConfigError, match=r"unknown key 'optim'; allowed keys here: name, data, "
-                                          r"diffusion, latent, model"):
+                                          r"diffusion, latent, model, loss, train, job"):
         load_config(None, ["--optim.lr=1e-4"])
 
 
@@ -107,7 +112,8 @@ def test_key_and_type_errors(overrides, pattern):
          r"data.weights: has 2 entries for 1 data.paths"),
         (["--data.eval.num_sources=4"],
          r"data.eval.num_sources: must be in \[1, data.eval.num_views-1=3\]"),
-        (["--data.eval.num_views=9"], r"data.eval.num_views: must be in \[2, data.view_window=8\]"),
+        (["--data.view_window=8", "--data.eval.num_views=9"],
+         r"data.eval.num_views: must be in \[2, data.view_window=8\]"),
         (["--data.eval.paths=['s3://ab/x']"],
          r"data.eval.paths\[0\]: S3 bucket names need at least 3 characters"),
         (["--diffusion.sampler.cfg_interval=[0.8, 0.2]"], r"diffusion.sampler.cfg_interval"),
