@@ -12,7 +12,9 @@ the optimizer-step count). Nothing here JIT-builds a DeepSpeed op: no "optimizer
 config (DeepSpeed's CPU Adam is a C++ build), and DeepSpeed's shared-memory all-reduce
 (`deepspeed_shm_comm`, about 100 s to build on first use) is switched off on CPU; DeepSpeed uses it
 only for inference all-reduce, training goes through torch.distributed (gloo).
-train.compile calls DeepSpeed's `engine.compile()` (torch.compile of the wrapped module).
+train.compile compiles each block of the stage's `checkpoint_modules` (torch.compile per block:
+the blocks repeat, so one graph serves all, and the glue between them stays eager), before
+activation checkpointing wraps the compiled forward.
 """
 from __future__ import annotations
 
@@ -30,7 +32,8 @@ from torch.utils.checkpoint import checkpoint
 from gld.train.config import TrainConfig
 
 __all__ = ["TrainEngine", "SkippableAdamW", "ds_config", "setup_distributed", "build_engine",
-           "build_optimizer", "lr_factor", "apply_activation_checkpointing", "is_zero3_param"]
+           "build_optimizer", "lr_factor", "apply_activation_checkpointing", "compile_blocks",
+           "is_zero3_param"]
 
 
 def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
@@ -140,6 +143,19 @@ def apply_activation_checkpointing(model: nn.Module, module_types: Iterable[type
     return count
 
 
+def compile_blocks(model: nn.Module, module_types: Iterable[type]) -> int:
+    """torch.compile the forward of every submodule whose type is in `module_types` (instance
+    attribute, so names and state-dict keys stay the model's own); returns how many."""
+    types = tuple(module_types)
+    count = 0
+    for module in model.modules():
+        if types and isinstance(module, types) and not getattr(module, "_gld_compiled", False):
+            module.forward = torch.compile(module.forward)
+            module._gld_compiled = True
+            count += 1
+    return count
+
+
 class SkippableAdamW(torch.optim.AdamW):
     """torch AdamW whose next `step()` can be skipped (`skip_next = True`): the trainer sets it
     on every rank alike when a micro-batch loss of the step was non-finite (nonfinite="skip").
@@ -215,6 +231,8 @@ def build_engine(stage, cfg: TrainConfig, micro_batch: int,
 
     rank, world, device = setup_distributed(device)
     model = stage.model
+    if cfg.compile:
+        compile_blocks(model, getattr(stage, "checkpoint_modules", ()))
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, getattr(stage, "checkpoint_modules", ()))
     model.to(device)
@@ -226,6 +244,4 @@ def build_engine(stage, cfg: TrainConfig, micro_batch: int,
         config["checkpoint"] = {"load_universal": True}
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config,
                                            dist_init_required=False)
-    if cfg.compile:
-        engine.compile()
     return TrainEngine(engine, optimizer, scheduler, config, rank, world, device)

@@ -175,9 +175,11 @@ class Trainer:
         {loss (mean over micro-batches, this rank), extras, samples, tokens, flops, skipped}."""
         losses, extras_sum, samples, tokens, flops = [], {}, 0, 0, 0.0
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        last_batch = None
+        last_batch, data_s = None, 0.0
         for micro in range(self.cfg.grad_accum):
-            batch = self.next_batch()
+            t0 = time.perf_counter()
+            batch = self.next_batch()     # host time waiting for the loader (prefetched)
+            data_s += time.perf_counter() - t0
             last_batch = batch
             loss, extras = self.forward_backward_step(batch, step)
             bad |= ~torch.isfinite(loss)
@@ -190,13 +192,22 @@ class Trainer:
             tokens += self.stage.tokens_in(batch)
             fps = self.stage.flops_per_sample(batch)
             flops = None if fps is None or flops is None else flops + fps * n
+            norm0 = None
             if micro == self.cfg.grad_accum - 1:
                 skipped = self._decide_skip(bad, step)
+                if self.cfg.zero_stage == 0:    # DeepSpeed reports no norm without ZeRO
+                    grads = [p.grad for p in self.engine.module.parameters()
+                             if p.grad is not None]
+                    norm0 = torch.linalg.vector_norm(
+                        torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])) \
+                        if grads else None
             self.engine.step()  # the optimizer steps at the accumulation boundary
         self.te.scheduler.step()
         if not skipped and self.ema is not None and step % self.cfg.ema_every == 0:
             self.ema.update()
         norm = self.engine.get_global_grad_norm()
+        if norm is None:
+            norm = norm0
         bad_norm = (torch.zeros((), dtype=torch.bool, device=self.device) if norm is None
                     or skipped else ~torch.isfinite(torch.as_tensor(norm, device=self.device)))
         flag = bad_norm if self.cfg.nonfinite == "skip" else (bad | bad_norm)
@@ -206,7 +217,7 @@ class Trainer:
         return {"loss": torch.stack(losses).mean(),
                 "extras": {k: v / self.cfg.grad_accum for k, v in extras_sum.items()},
                 "samples": samples, "tokens": tokens, "flops": flops, "grad_norm": norm,
-                "skipped": skipped, "batch": last_batch}
+                "skipped": skipped, "batch": last_batch, "data_s": data_s}
 
     def _decide_skip(self, bad: Tensor, step: int) -> bool:
         opt = self.te.optimizer
@@ -263,7 +274,8 @@ class Trainer:
              "lr": self.te.scheduler.get_last_lr()[0],
              "samples_per_s": samples_s, "tokens_per_s": window["tokens"] * self.world_size / dt,
              "mfu": None, "peak_mem_gib": peak_memory_gib(self.device),
-             "skipped_steps": self.skipped_steps, "samples_seen": self.samples_seen}
+             "skipped_steps": self.skipped_steps, "samples_seen": self.samples_seen,
+             "data_ms": 1e3 * window["data_s"] / max(window["steps"], 1)}
         if window["flops"] is not None and self.peak_flops:
             m["mfu"] = window["flops"] * self.world_size / dt / (self.peak_flops * self.world_size)
         return m
@@ -297,7 +309,8 @@ class Trainer:
             from tqdm import tqdm
 
             bar = tqdm(total=cfg.steps, initial=self.step, desc=self.stage.name, dynamic_ncols=True)
-        window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0}
+        window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0,
+                          "steps": 0, "data_s": 0.0}
         last: dict = {}
         saved_at = self.step if self.resumed_from is not None else None
         try:
@@ -306,6 +319,8 @@ class Trainer:
                 out = self.train_step(step)
                 self.step = step
                 window["samples"] += out["samples"]
+                window["steps"] += 1
+                window["data_s"] += out["data_s"]
                 window["tokens"] += out["tokens"]
                 window["flops"] = (None if out["flops"] is None or window["flops"] is None
                                    else window["flops"] + out["flops"])
@@ -316,7 +331,8 @@ class Trainer:
                     self.log.log(step, metrics)
                     if bar is not None:
                         bar.set_postfix(loss=f"{metrics['loss']:.4g}", lr=f"{metrics['lr']:.3g}")
-                    window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0}
+                    window = {"t0": time.perf_counter(), "samples": 0, "tokens": 0, "flops": 0.0,
+                          "steps": 0, "data_s": 0.0}
                     last = metrics
                 if cfg.sample_every and step % cfg.sample_every == 0 \
                         and hasattr(self.stage, "sample_grid"):

@@ -2,13 +2,34 @@
 from __future__ import annotations
 
 import contextlib
+import time
 
 import torch
 from torch import Tensor
 
 from gld.latents.space import LatentSpace, build_latent_space
 
-__all__ = ["frozen_space", "batch_images", "autocast_for", "sources_first"]
+__all__ = ["frozen_space", "batch_images", "autocast_for", "sources_first", "Stopwatch"]
+
+
+class Stopwatch:
+    """Wall time of a block in ms, `with sw: ...` then `sw.ms`. On CUDA it synchronises before
+    and after (the encoder's share of a step is reported per step; the stall this adds is one
+    queue drain, small against a training step)."""
+
+    def __init__(self, device: torch.device):
+        self.device, self.ms = device, 0.0
+
+    def __enter__(self) -> "Stopwatch":
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        self.ms = 1e3 * (time.perf_counter() - self.t0)
 
 
 def frozen_space(cfg, device, normalize: bool) -> LatentSpace:

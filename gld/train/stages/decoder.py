@@ -14,7 +14,7 @@ from torch import Tensor, nn
 from gld.encoders.da3 import PATCH_SIZE
 from gld.models import DecoderLoss, RGBDecoder
 from gld.models.decoder import DecoderLayer
-from gld.train.stages.common import autocast_for, batch_images, frozen_space
+from gld.train.stages.common import Stopwatch, autocast_for, batch_images, frozen_space
 
 __all__ = ["DecoderStage"]
 
@@ -44,11 +44,12 @@ class DecoderStage:
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[Tensor, dict]:
         images = batch_images(batch)
         H, W = images.shape[-2:]
-        levels = self.levels(images)
+        with Stopwatch(images.device) as sw:
+            levels = self.levels(images)
         with autocast_for(self.cfg.train.precision, images.device):
             pred = model(levels, (H, W))
         total, parts = self.loss_fn(pred, images)
-        return total, {k: v for k, v in parts.items() if k != "total"}
+        return total, {**{k: v for k, v in parts.items() if k != "total"}, "encode_ms": sw.ms}
 
     def samples_in(self, batch: dict) -> int:
         return int(batch["images"].shape[0])

@@ -25,7 +25,8 @@ from gld.encoders.da3 import PATCH_SIZE
 from gld.models import DiTDH
 from gld.models.layers import AdaLNBlock
 from gld.models.measure import train_flops_per_sample
-from gld.train.stages.common import autocast_for, batch_images, frozen_space, sources_first
+from gld.train.stages.common import (Stopwatch, autocast_for, batch_images, frozen_space,
+                                     sources_first)
 
 __all__ = ["DiffusionStage"]
 
@@ -75,14 +76,15 @@ class DiffusionStage:
         is_src = _gather_views(batch["source_mask"], order)
         c2w = _gather_views(batch["c2w"].float(), order)
         K = _gather_views(batch["K"].float(), order)
-        x = self.space.encode(images).z.float()
-        source = torch.zeros_like(x)
-        counts = is_src.sum(1)
-        for s in counts.unique().tolist():
-            rows = (counts == s).nonzero().flatten()
-            source[rows, :s] = self.space.encode(images[rows, :s]).z.float()
+        with Stopwatch(images.device) as sw:
+            x = self.space.encode(images).z.float()
+            source = torch.zeros_like(x)
+            counts = is_src.sum(1)
+            for s in counts.unique().tolist():
+                rows = (counts == s).nonzero().flatten()
+                source[rows, :s] = self.space.encode(images[rows, :s]).z.float()
         return dict(x=x, source=source, is_src=is_src, c2w=c2w, K=K,
-                    image_size=tuple(images.shape[-2:]))
+                    image_size=tuple(images.shape[-2:]), encode_ms=sw.ms)
 
     def loss(self, model: nn.Module, batch: dict, step: int) -> tuple[Tensor, dict]:
         inp = self.inputs(batch)
@@ -96,7 +98,7 @@ class DiffusionStage:
                          K=inp["K"], image_size=inp["image_size"])
         mask = None if self.cfg.diffusion.loss_views == "all" else ~inp["is_src"]
         loss = flow_loss(pred, x, eps, mask)
-        return loss, {"t_mean": t.mean().detach()}
+        return loss, {"t_mean": t.mean().detach(), "encode_ms": inp["encode_ms"]}
 
     def samples_in(self, batch: dict) -> int:
         return int(batch["images"].shape[0])
