@@ -171,9 +171,12 @@ class DiTDH(nn.Module):
         if drop_camera is None and self.training and self.cfg.camera_dropout > 0:
             drop_camera = torch.rand(B, device=x_t.device) < self.cfg.camera_dropout
         conv = self.cfg.convention
-        c2w_n = normalize_cameras(c2w.float(), conv)
-        cams = prope_cameras(c2w_n, K, (H // p, W // p), image_size, conv, drop_camera)
-        cam_map = camera_map(c2w_n, K, is_src, image_size, conv, drop_camera)
+        # camera geometry in fp32 also under autocast (matmuls would otherwise run in bf16)
+        with torch.autocast(x_t.device.type, enabled=False):
+            c2w_n = normalize_cameras(c2w.float(), conv)
+            cams = prope_cameras(c2w_n, K.float(), (H // p, W // p), image_size, conv,
+                                 drop_camera)
+            cam_map = camera_map(c2w_n, K.float(), is_src, image_size, conv, drop_camera)
 
         inp = torch.cat([source, x_t], dim=-1)
         src = is_src[:, :, None, None]

@@ -63,8 +63,13 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
         "train_batch_size": micro_batch * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": cfg.precision == "bf16"},
+        # bf16 as the release trains: torch autocast over fp32 weights (fp32 master, fp32
+        # gradients of norms, bf16 matmuls), applied by the engine around the forward. (With
+        # DeepSpeed's "bf16" section the weights themselves become bf16 and the engine turns
+        # any outer autocast off, so fp32 inputs would meet bf16 weights.)
+        "bf16": {"enabled": False},
         "fp16": {"enabled": False},
+        "torch_autocast": {"enabled": cfg.precision == "bf16", "dtype": "bfloat16"},
         "steps_per_print": 1 << 30,  # the trainer logs; DeepSpeed's own progress print is noise
         "wall_clock_breakdown": False,
         # DeepSpeed vets optimizers by exact class; SkippableAdamW is torch's AdamW plus a skip.
