@@ -46,6 +46,15 @@ def test_batch_shapes_and_keys(local_shards):
     assert torch.allclose(batch["K"][..., 1, 2], torch.full((B, V), 10 * nh / 20 - top))
 
 
+def test_pin_memory_follows_cuda_unless_set(local_shards):
+    cfg = DataConfig(**cfg_dict("wds", [local_shards["wds"]], num_workers=0))
+    assert cfg.pin_memory is None
+    assert build_loader(cfg).pin_memory is torch.cuda.is_available()
+    for v in (True, False):
+        cfg.pin_memory = v
+        assert build_loader(cfg).pin_memory is v
+
+
 @pytest.mark.parametrize("source", ["synthetic", "wds"])
 def test_two_ranks_two_workers_exactly_once_and_resume(local_shards, source):
     cfg = cfg_dict(source, [local_shards["wds"]] if source == "wds" else [])

@@ -26,7 +26,9 @@ def test_ds_config_derives_the_global_batch_once():
     c = ds_config(cfg, micro_batch=3, world_size=2)
     assert (c["train_micro_batch_size_per_gpu"], c["gradient_accumulation_steps"],
             c["train_batch_size"]) == (3, 4, 24)
-    assert c["gradient_clipping"] == 0.5 and c["bf16"] == {"enabled": True}
+    # bf16 = torch autocast over fp32 weights; DeepSpeed's bf16 section (bf16 weights) stays off
+    assert c["gradient_clipping"] == 0.5 and c["bf16"] == {"enabled": False}
+    assert c["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert c["zero_optimization"]["stage"] == 2
     # no JIT-built optimizer or scheduler: both are torch objects handed over in code
     assert "optimizer" not in c and "scheduler" not in c
@@ -42,6 +44,7 @@ def test_ds_config_zero3_and_offload():
     assert z["offload_optimizer"]["device"] == "cpu" and z["offload_param"]["device"] == "cpu"
     c = ds_config(cfg, 1, 8)
     assert c["bf16"] == {"enabled": False} and c["zero_force_ds_cpu_optimizer"] is False
+    assert c["torch_autocast"]["enabled"] is False
     with pytest.raises(ValueError, match="micro batch"):
         ds_config(cfg, 0, 1)
 

@@ -72,6 +72,9 @@ class DataConfig:
     load_depth: bool = False  # add `depth` (B, V, H, W) to batches (0 where unknown)
     cache_dir: Optional[str] = None  # local shard cache for s3:// MDS; None = $TMPDIR/gld-cache
     prefetch_factor: int = 2  # batches prefetched per DataLoader worker
+    # page-locked batches, so the trainer's host-to-device copy is asynchronous and does not
+    # wait for the GPU's queue; None = when CUDA is available
+    pin_memory: Optional[bool] = None
     eval: EvalDataConfig = field(default_factory=EvalDataConfig)
 
     # ---- what a split reads --------------------------------------------------------------

@@ -39,6 +39,7 @@ import os
 from typing import Iterator, Optional
 
 import numpy as np
+import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from gld.data import s3
@@ -256,5 +257,6 @@ def build_dataset(cfg: DataConfig, split: str = "train", rank: Optional[int] = N
 def build_loader(cfg: DataConfig, split: str = "train", rank: Optional[int] = None,
                  world_size: Optional[int] = None) -> MultiViewLoader:
     """`MultiViewLoader` over `build_dataset(...)`; see the module docstring for batches."""
+    pin = torch.cuda.is_available() if cfg.pin_memory is None else bool(cfg.pin_memory)
     return MultiViewLoader(build_dataset(cfg, split, rank, world_size),
-                           prefetch_factor=cfg.prefetch_factor)
+                           prefetch_factor=cfg.prefetch_factor, pin_memory=pin)
