@@ -92,6 +92,27 @@ def test_break_and_continue_and_eval_split(local_shards):
     assert b["images"].shape[-2:] == (14, 28) and b["source_mask"][:, 0].all()
 
 
+def test_eval_scene_mean_is_the_mean_of_all_frames(local_shards):
+    from gld.data.views import _fit
+    from tests.data_helpers import tiny_sequences
+    from PIL import Image
+    import io
+    import numpy as np
+
+    cfg = DataConfig(**cfg_dict("wds", [local_shards["wds"]], num_workers=0))
+    cfg.eval = EvalDataConfig(num_views=3, num_sources=1, resolution=(14, 28), scene_mean=True)
+    b = next(iter(build_loader(cfg, split="eval")))
+    assert "scene_mean" not in next(iter(build_loader(cfg)))          # eval split only
+    assert b["scene_mean"].shape == (2, 3, 14, 28) and b["scene_mean"].dtype == torch.float32
+    seqs = {s.scene_id: s for s in tiny_sequences()}
+    for i, sid in enumerate(b["scene_id"]):
+        frames = [np.array(_fit(Image.open(io.BytesIO(f.image)).convert("RGB"), (14, 28))[0])
+                  for f in seqs[sid].frames]
+        assert len(frames) == 8                                        # every frame, not the 3
+        want = torch.from_numpy(np.mean(frames, 0) / 255.0).permute(2, 0, 1).float()
+        torch.testing.assert_close(b["scene_mean"][i], want, atol=1e-6, rtol=0)
+
+
 def test_resume_refuses_a_different_setup(local_shards):
     cfg = DataConfig(**cfg_dict("wds", [local_shards["wds"]], num_workers=0))
     state = build_loader(cfg).state_dict()

@@ -68,6 +68,29 @@ def test_level_dropout_masks_whole_levels_in_training_only():
     assert torch.equal(embed_inputs(no_drop, levels, size), ref)
 
 
+def test_per_level_dropout_probabilities():
+    torch.manual_seed(2)
+    dec = RGBDecoder(decoder_preset("tiny", level_dropout=(1.0, 0.0, 0.5, 0.0))).train()
+    B, V, size = 64, 2, (28, 42)
+    levels = [lv + 3.0 for lv in levels_for(B, V, *size)]
+    ref = torch.stack(levels, dim=3)
+    seen = embed_inputs(dec, levels, size)
+    zero = (seen == 0).flatten(1, 2).all(-1).all(1)              # (B, 4)
+    kept = (seen == ref).flatten(1, 2).all(-1).all(1)
+    assert (zero ^ kept).all()
+    assert zero[:, 0].all() and kept[:, 1].all() and kept[:, 3].all()
+    assert 0.25 < zero[:, 2].float().mean() < 0.75               # 64 draws at p = 0.5
+    assert torch.equal(embed_inputs(dec.eval(), levels, size), ref)
+
+
+@pytest.mark.parametrize("value, match", [((0.5, 0.5, 0.5), "4 numbers"),
+                                          ((0.0, 1.5, 0.0, 0.0), "4 numbers"),
+                                          ((1.0, 1.0, 1.0, 1.0), "drops every level")])
+def test_per_level_dropout_errors(value, match):
+    with pytest.raises(ConfigError, match=rf"model\.decoder\.level_dropout: .*{match}"):
+        RGBDecoder(decoder_preset("tiny", level_dropout=value))
+
+
 def test_input_errors():
     dec = RGBDecoder(TINY).eval()
     lv = levels_for(1, 2, 28, 42)

@@ -92,6 +92,14 @@ def test_every_preset_builds_with_whole_head_dims(name):
         assert [w // h for w, h in zip(cfg.widths, cfg.heads)] == [48, 128]
 
 
+def test_narrow_head_is_named():
+    # the release's level-1 model and the small preset on DA3-Small's 768 channels are fine
+    assert dit_preset("level1").narrow_head() is None
+    assert dit_preset("small", latent_channels=768).narrow_head() is None
+    msg = dit_preset("tiny", latent_channels=768).narrow_head()
+    assert "head width 128 is below the latent's 768 channels" in msg
+
+
 @pytest.mark.parametrize("name", ["tiny", "small"])
 def test_forward_shapes(name):
     m = randomize_(DiTDH(dit_preset(name, latent_channels=8)))

@@ -34,14 +34,15 @@ def job(tmp_path_factory):
 
 def test_job_writes_report_checkpoints_and_model(job):
     metrics = json.loads((job / "report" / "metrics.json").read_text())
-    for name in ("generated", "mean_image", "reconstruction"):
+    for name in ("generated", "scene_mean", "mean_image", "reconstruction"):
         assert 0 < metrics[name]["psnr"] < 100 and -1 <= metrics[name]["ssim"] <= 1
     assert metrics["targets"] == 2 * metrics["view_sets"] > 0
     assert set(metrics["depth_generated"]) >= {"abs_rel", "delta1"}
     if metrics["generated"]["lpips"] is None:
         assert "LPIPS backbone" in metrics["unavailable"]["generated.lpips"]
     md = (job / "report" / "summary.md").read_text()
-    assert "the view set's mean image" in md and "| decoder | 4 |" in md
+    assert "the scene's mean image" in md and "the view set's mean image" in md
+    assert "| decoder | 4 |" in md
     assert (job / "report" / "grid.png").is_file()
     for stage in ("decoder", "diffusion"):
         latest = (job / stage / "checkpoints" / "latest").read_text().strip()

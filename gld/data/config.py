@@ -46,6 +46,9 @@ class EvalDataConfig:
     # "fixed": a random choice fixed per sample.
     source_selection: Literal["interpolate", "first", "fixed"] = "interpolate"
     resolution: Optional[tuple[int, int]] = None  # None: data.resolutions (one per batch)
+    # add `scene_mean` (B, 3, H, W) float32 in [0, 1]: the mean image of ALL the frames of each
+    # sample's sequence (a baseline for the report; decodes every frame of the sequence)
+    scene_mean: bool = False
 
 
 @dataclass

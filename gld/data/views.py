@@ -11,6 +11,8 @@ A sample (one dict, before batching):
     source_mask   (V,) bool, True for the source (conditioning) views
     frame_indices (V,) int64 indices in the original sequence
     depth         (V, H, W) float32 planar z, 0 = unknown (only when depth is requested)
+    scene_mean    (3, H, W) float32 in [0, 1], the mean of all the sequence's frames resized and
+                  cropped alike (only when requested: data.eval.scene_mean, eval split)
     has_depth     bool
     scene_id      str
     sample_id     int (global record index within the epoch's dataset)
@@ -27,7 +29,8 @@ from gld.data.config import DataConfig
 from gld.data.schema import DataError, Sequence, check_cameras
 from gld.geometry.cameras import crop_intrinsics, resize_intrinsics
 
-__all__ = ["ViewSpec", "select_views", "make_sample", "resize_crop_size", "view_rng", "collate"]
+__all__ = ["ViewSpec", "select_views", "make_sample", "resize_crop_size", "view_rng", "collate",
+           "scene_mean_image"]
 
 
 @dataclass(frozen=True)
@@ -46,6 +49,7 @@ class ViewSpec:
     eval_selection: str = "interpolate"
     seed: int = 0
     load_depth: bool = False
+    scene_mean: bool = False
 
     @classmethod
     def from_config(cls, cfg: DataConfig, split: str = "train") -> "ViewSpec":
@@ -55,7 +59,8 @@ class ViewSpec:
                    window=cfg.view_window, min_sources=cfg.min_sources,
                    max_sources=cfg.max_sources, mode=split, eval_sources=sources,
                    eval_selection=cfg.eval.source_selection, seed=cfg.seed,
-                   load_depth=cfg.load_depth)
+                   load_depth=cfg.load_depth,
+                   scene_mean=split == "eval" and cfg.eval.scene_mean)
 
 
 def view_rng(spec: ViewSpec, epoch: int, sample_id: int) -> np.random.Generator:
@@ -112,6 +117,28 @@ def _decode(data: bytes, where: str):
     return im
 
 
+def _fit(im, out: tuple[int, int]):
+    """PIL image -> (image resized to cover `out` and centre-cropped, (nh, nw), top, left)."""
+    from PIL import Image
+
+    H, W = out
+    (nh, nw), top, left = resize_crop_size((im.height, im.width), out)
+    if (nh, nw) != (im.height, im.width):
+        im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
+    return im.crop((left, top, left + W, top + H)), (nh, nw), top, left
+
+
+def scene_mean_image(seq: Sequence, out: tuple[int, int], where: str) -> torch.Tensor:
+    """(3, H, W) float32 in [0, 1]: the mean of every frame of `seq`, each resized and cropped
+    to `out` as the sample's views are."""
+    acc = torch.zeros(3, *out, dtype=torch.float64)
+    for f in seq.frames:
+        im, _, _, _ = _fit(_decode(f.image, f"{where} (scene {seq.scene_id!r}, frame {f.index})"),
+                           out)
+        acc += torch.from_numpy(np.array(im)).permute(2, 0, 1)
+    return (acc / (255.0 * len(seq.frames))).float()
+
+
 def make_sample(seq: Sequence, positions: np.ndarray, source_mask: np.ndarray,
                 out: tuple[int, int], spec: ViewSpec, where: str, sample_id: int = -1) -> dict:
     """Decode, check and resize the chosen frames of `seq` to `out` = (H, W); see the module
@@ -132,10 +159,7 @@ def make_sample(seq: Sequence, positions: np.ndarray, source_mask: np.ndarray,
             raise DataError(f"{fwhere}: decoded image is {h}x{w}, the record says "
                             f"{sizes[int(positions[j])]}")
         check_cameras(K[j:j + 1], c2w[j:j + 1], [(h, w)], fwhere)
-        (nh, nw), top, left = resize_crop_size((h, w), out)
-        if (nh, nw) != (h, w):
-            im = im.resize((nw, nh), Image.BICUBIC, reducing_gap=3.0)
-        im = im.crop((left, top, left + W, top + H))
+        im, (nh, nw), top, left = _fit(im, out)
         images.append(torch.from_numpy(np.array(im)).permute(2, 0, 1))
         k = resize_intrinsics(torch.from_numpy(K[j]), (h, w), (nh, nw))
         Ks.append(crop_intrinsics(k, top, left))
@@ -160,6 +184,8 @@ def make_sample(seq: Sequence, positions: np.ndarray, source_mask: np.ndarray,
     }
     if spec.load_depth:
         sample["depth"] = torch.stack(depths)
+    if spec.scene_mean:
+        sample["scene_mean"] = scene_mean_image(seq, out, where)
     return sample
 
 

@@ -3,8 +3,11 @@
 For every view set: its source views (the split's fixed choice) go through `NVSPipeline`, which
 generates the other views; scores are averaged over all generated target images:
 - `generated`: PSNR, SSIM, LPIPS (when its backbone is cached) against the real targets;
-- `mean_image`: the same scores for the view set's mean image (all its views, targets included,
-  which favours the baseline) standing in for every target: what "better than nothing" means;
+- `scene_mean`: the same scores for the scene's mean image (all frames of the held-out
+  sequence; when the batches carry it, `data.eval.scene_mean`) standing in for every target: a
+  prediction that knows the scene's colours but not the target camera, "better than nothing";
+- `mean_image`: the same for the view set's mean image (its few views, the targets themselves
+  weighing 1/V each: a stricter baseline than the scene's, and one that blur favours under PSNR);
 - `reconstruction`: the targets' own encoded levels through the decoder (level 0 absent as in
   the pipeline): the decoder's ceiling for the generated views;
 - `depth_generated` / `depth_encoded`: DA3's depth of the generated targets and of the real
@@ -75,14 +78,16 @@ def _scores(pred: Tensor, gt: Tensor, lpips: Optional[LPIPSMetric]) -> dict[str,
 def evaluate_nvs(pipe, batches: Iterable[dict], max_batches: int, *, lpips_net: str = "alex",
                  depth_align: str = "median", seed: int = 0, device=None
                  ) -> tuple[dict, Optional[np.ndarray]]:
-    """-> (metrics, grid): metrics {"generated"|"mean_image"|"reconstruction": {"psnr", "ssim",
-    "lpips"}, "depth_generated"|"depth_encoded": depth_metrics keys, "view_sets", "targets",
-    "unavailable": {path: reason}}; grid (uint8) of the first view set: sources | generated |
+    """-> (metrics, grid): metrics {"generated"|"scene_mean"|"mean_image"|"reconstruction":
+    {"psnr", "ssim", "lpips"} (scene_mean None without it in the batches),
+    "depth_generated"|"depth_encoded": depth_metrics keys, "view_sets", "targets", "unavailable":
+    {path: reason}}; grid (uint8) of the first view set: sources | generated |
     ground truth | mean image | DA3 depth of the generated views."""
     device = device or next(pipe.parameters()).device
     reason = lpips_unavailable_reason(lpips_net)
     lpips = LPIPSMetric(lpips_net) if reason is None else None
-    acc: dict[str, dict[str, list]] = {"generated": {}, "mean_image": {}, "reconstruction": {}}
+    acc: dict[str, dict[str, list]] = {"generated": {}, "scene_mean": {}, "mean_image": {},
+                                       "reconstruction": {}}
     depth_rows: dict[str, list[dict]] = {"depth_generated": [], "depth_encoded": []}
     grid, sets = None, 0
     for i, batch in enumerate(batches):
@@ -98,8 +103,11 @@ def evaluate_nvs(pipe, batches: Iterable[dict], max_batches: int, *, lpips_net: 
         gt = images[:, S:]
         mean = mean_image_baseline(images)[:, None].expand_as(gt)
         recon = _reconstruct(pipe, images, S)
-        for name, pred in (("generated", out.images), ("mean_image", mean),
-                           ("reconstruction", recon)):
+        preds = [("generated", out.images), ("mean_image", mean), ("reconstruction", recon)]
+        if "scene_mean" in batch:
+            preds.append(("scene_mean", batch["scene_mean"].float().to(device)[:, None]
+                          .expand_as(gt)))
+        for name, pred in preds:
             for k, v in _scores(pred, gt, lpips).items():
                 acc[name].setdefault(k, []).extend(v)
         if "depth" in batch and bool(batch["has_depth"].all()):
@@ -117,9 +125,14 @@ def evaluate_nvs(pipe, batches: Iterable[dict], max_batches: int, *, lpips_net: 
                     [depth_to_color(d) for d in out.depth[0, S:].cpu().numpy()]]
             grid = make_grid(rows, labels=["sources", "generated", "ground truth", "mean image",
                                            "DA3 depth (generated)"])
+    if not acc["scene_mean"]:
+        del acc["scene_mean"]
     metrics: dict = {name: {k: float(np.mean(v)) for k, v in d.items()}
                      for name, d in acc.items()}
     unavailable = {}
+    if "scene_mean" not in metrics:
+        metrics["scene_mean"] = None
+        unavailable["scene_mean"] = "the eval batches carry no scene mean (data.eval.scene_mean)"
     if lpips is None:
         for name in acc:
             metrics[name]["lpips"] = None

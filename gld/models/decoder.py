@@ -16,15 +16,17 @@ callers that need valid pixels clamp.
 Level dropout (training only): for every sample and every level independently, with
 probability `level_dropout` the whole level (all views, tokens and channels of that sample) is
 set to zero, with no rescaling of the kept levels, so that at inference a level that is not
-available is passed as zeros (the pipeline runs without level 0 that way). The release reads
-this setting but never applies it.
+available is passed as zeros (the pipeline runs without level 0 that way). One number applies to
+every level; four numbers (L0..L3) set each level's own probability, 1 = always dropped (a
+decoder for a pipeline without level 0: `[1, p, p, p]` trains exactly the inference case). The
+release reads this setting (one number) but never applies it.
 
 Shapes: B batch, V views, N = (H/14)(W/14) tokens per view (row-major), 2C channels per level.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-from typing import Sequence
+from typing import Sequence, Union
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +53,7 @@ class DecoderConfig:
     patch_size: int = PATCH_SIZE
     in_channels: int = NUM_LEVELS * 1536
     base_grid: tuple[int, int] = (36, 36)      # the position table's grid (504 / 14)
-    level_dropout: float = 0.0
+    level_dropout: Union[float, tuple[float, float, float, float]] = 0.0
     layer_norm_eps: float = 1e-12
 
     def validate(self, key: str = "model.decoder") -> None:
@@ -71,9 +73,22 @@ class DecoderConfig:
         if len(self.base_grid) != 2 or any(g < 1 for g in self.base_grid):
             raise ConfigError(f"{key}.base_grid: expected two positive sizes, got "
                               f"{self.base_grid!r}")
-        if not 0.0 <= self.level_dropout < 1.0:
-            raise ConfigError(f"{key}.level_dropout: must be in [0, 1), got "
-                              f"{self.level_dropout}")
+        p = self.level_dropout
+        if isinstance(p, (list, tuple)):
+            if len(p) != NUM_LEVELS or not all(isinstance(v, (int, float)) and 0.0 <= v <= 1.0
+                                               for v in p):
+                raise ConfigError(f"{key}.level_dropout: per-level probabilities must be "
+                                  f"{NUM_LEVELS} numbers in [0, 1] (L0..L3), got {p!r}")
+            if all(v == 1.0 for v in p):
+                raise ConfigError(f"{key}.level_dropout: {p!r} drops every level")
+        elif not 0.0 <= p < 1.0:
+            raise ConfigError(f"{key}.level_dropout: must be in [0, 1) (or {NUM_LEVELS} "
+                              f"per-level probabilities), got {p}")
+
+    def level_dropout_probs(self) -> tuple[float, ...]:
+        """The dropout probability of each level L0..L3."""
+        p = self.level_dropout
+        return tuple(float(v) for v in p) if isinstance(p, (list, tuple)) else (float(p),) * 4
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"{key}.layer_norm_eps: must be > 0, got {self.layer_norm_eps}")
 
@@ -239,8 +254,10 @@ class RGBDecoder(nn.Module):
         p = self.cfg.patch_size
         hp, wp = H // p, W // p
         x = torch.cat(list(levels), dim=-1)
-        if self.training and self.cfg.level_dropout > 0:
-            keep = torch.rand(B, 1, 1, NUM_LEVELS, device=x.device) >= self.cfg.level_dropout
+        probs = self.cfg.level_dropout_probs()
+        if self.training and any(probs):
+            drop_p = torch.tensor(probs, device=x.device)
+            keep = torch.rand(B, 1, 1, NUM_LEVELS, device=x.device) >= drop_p
             x = x * keep.to(x.dtype).repeat_interleave(c, dim=-1)
         x = self.decoder_embed(x.reshape(B * V, N, -1))
         # Under autocast, x is bf16 but the CLS token fp32: cat promotes, so the residual stream

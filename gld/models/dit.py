@@ -46,6 +46,17 @@ class DiTConfig:
     convention: Convention = "release"   # camera conventions: see gld/models/cameras.py
     camera_dropout: float = 0.1          # training: per sample, the CFG unconditional branch
 
+    def narrow_head(self) -> Optional[str]:
+        """Why this model cannot learn velocity prediction well, or None: a DDT head narrower
+        than the latent cannot carry the noise of x_t (most of the velocity eps - x) to its
+        output (RAE: the head width must be at least the latent's; the release: 2048 >= 1536)."""
+        if self.widths[1] < self.latent_channels:
+            return (f"the DDT head width {self.widths[1]} is below the latent's "
+                    f"{self.latent_channels} channels: the velocity it predicts is mostly noise "
+                    f"it cannot carry, so samples will be poor; use widths[1] >= "
+                    f"{self.latent_channels}")
+        return None
+
     def validate(self, key: str = "model.dit") -> None:
         for name in ("widths", "depths", "heads"):
             for i, v in enumerate(getattr(self, name)):

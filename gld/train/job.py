@@ -215,16 +215,23 @@ def run_job(cfg, progress: bool = True) -> dict:
                                  lpips_net=cfg.job.eval.lpips_net,
                                  depth_align=cfg.job.eval.depth_align)
     times["evaluate_s"] = time.perf_counter() - t0
-    gen, base = metrics["generated"]["psnr"], metrics["mean_image"]["psnr"]
+    gen = metrics["generated"]["psnr"]
+    notes = [f"generated target views: PSNR {gen:.2f} dB"]
+    for key, what in (("scene_mean", "the scene's mean image (all frames of the sequence)"),
+                      ("mean_image", "the view set's mean image (its views, targets included)"),
+                      ("reconstruction", "the decoder's ceiling (the targets' own latents)")):
+        if metrics.get(key):
+            base = metrics[key]["psnr"]
+            verdict = "" if key == "reconstruction" else \
+                f" ({'better' if gen > base else 'NOT better'} by {gen - base:+.2f} dB)"
+            notes.append(f"{what}: {base:.2f} dB{verdict}")
     summary = {"name": cfg.name, "config": str(job_dir / "config.yaml"),
                "wall_time_s": round(time.perf_counter() - t_start, 1),
                "stages": stages, "model": str(model_dir),
-               "notes": [f"generated target views: PSNR {gen:.2f} dB; the view set's mean "
-                         f"image: {base:.2f} dB ({'better' if gen > base else 'NOT better'} by "
-                         f"{gen - base:+.2f} dB)",
-                         f"{metrics['targets']} target views of {metrics['view_sets']} "
-                         "held-out view sets",
-                         *[f"{k}: {v:.1f} s" for k, v in times.items()]]}
+               "notes": [*notes, f"{metrics['targets']} target views of {metrics['view_sets']} "
+                         "held-out view sets", *[f"{k}: {v:.1f} s" for k, v in times.items()]]}
     paths = write_report(job_dir, metrics, grid, summary)
-    print(json.dumps({"report": paths, "psnr_generated": gen, "psnr_mean_image": base}))
+    print(json.dumps({"report": paths, "psnr_generated": gen,
+                      **{f"psnr_{k}": metrics[k]["psnr"] for k in ("scene_mean", "mean_image")
+                         if metrics.get(k)}}))
     return metrics

@@ -17,6 +17,8 @@ from __future__ import annotations
 
 from typing import Optional
 
+import logging
+
 import torch
 from torch import Tensor, nn
 
@@ -29,6 +31,8 @@ from gld.train.stages.common import (Stopwatch, autocast_for, batch_images, froz
                                      sources_first)
 
 __all__ = ["DiffusionStage"]
+
+log = logging.getLogger(__name__)
 
 
 def _gather_views(x: Tensor, order: Tensor) -> Tensor:
@@ -48,7 +52,10 @@ class DiffusionStage:
         self.cfg = cfg
         self.device = torch.device(device)
         self.space = frozen_space(cfg, self.device, normalize=cfg.latent.normalize)
-        self.model: nn.Module = DiTDH(cfg.model.dit_config(cfg.level_channels))
+        dit_cfg = cfg.model.dit_config(cfg.level_channels)
+        if dit_cfg.narrow_head():
+            log.warning("model.dit: %s", dit_cfg.narrow_head())
+        self.model: nn.Module = DiTDH(dit_cfg)
         H, W = cfg.data.resolutions[0]
         tokens = (H // PATCH_SIZE) * (W // PATCH_SIZE)
         self.time_shift = resolve_time_shift(cfg.diffusion,
