@@ -40,7 +40,11 @@ class TrainConfig:
     checkpoint if any), "none", or a checkpoint folder. sample_every: 0 = never (calls the
     stage's optional `sample_grid`). nonfinite: "stop" raises naming the first bad step;
     "skip" skips such optimizer steps, at most `max_skipped` of them. peak_tflops: the
-    device's dense peak for MFU (None: known CUDA devices only).
+    device's dense peak for MFU (None: known CUDA devices only). latent_cache: a folder (local
+    or s3://) of latents cached offline by launch/cache_latents.py (gld/train/latent_cache.py);
+    the diffusion stage then trains from it instead of encoding every batch on the fly (None,
+    the default: on the fly). Only with stage diffusion; its latent_cache.json must match the
+    config's encoder, boundary level, statistics, resolution and view count.
     """
 
     stage: Literal["decoder", "diffusion"] = "diffusion"
@@ -72,6 +76,7 @@ class TrainConfig:
     max_skipped: int = 10
     seed: int = 0
     peak_tflops: Optional[float] = None
+    latent_cache: Optional[str] = None
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def validate(self, key: str = "train") -> None:
@@ -113,4 +118,9 @@ class TrainConfig:
                  f"must be >= 0, got {self.max_skipped}")
         _require(self.peak_tflops is None or self.peak_tflops > 0, f"{key}.peak_tflops",
                  f"must be > 0 or null, got {self.peak_tflops}")
+        _require(self.latent_cache is None or self.latent_cache.strip() != "",
+                 f"{key}.latent_cache", "must be a cache folder or null, got an empty string")
+        _require(self.latent_cache is None or self.stage == "diffusion", f"{key}.latent_cache",
+                 f"only the diffusion stage trains from a latent cache, but {key}.stage is "
+                 f"{self.stage!r} (unset {key}.latent_cache)")
         _require(self.wandb.project != "", f"{key}.wandb.project", "must not be empty")

@@ -92,7 +92,12 @@ def run_stage(cfg, progress: bool = True, callbacks=(), decoder=None) -> Path:
     if cfg.train.stage == "diffusion":
         kwargs["decoder"] = decoder if decoder is not None else _decoder_for_grids(cfg)
     stage = build_stage(cfg, device, **kwargs)
-    loader = build_loader(cfg.data, "train")
+    if cfg.train.latent_cache and cfg.train.stage == "diffusion":
+        from gld.train.latent_cache import build_cache_loader  # meta checked against cfg
+
+        loader = build_cache_loader(cfg, cfg.train.latent_cache, stats=stage.space.stats)
+    else:
+        loader = build_loader(cfg.data, "train")
     train = replace(cfg.train, out_dir=str(job_dir / cfg.train.stage))
     trainer = Trainer(stage, train, loader, cfg.to_dict(), callbacks=callbacks,
                       time_shift=getattr(stage, "time_shift", None), progress=progress)

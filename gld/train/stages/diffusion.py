@@ -12,6 +12,10 @@ Per batch, as the release trains (docs/release-facts.md "DiT-DH input", "Flow ma
 4. loss: MSE between the predicted and the true velocity eps - x over all views
    (`diffusion.loss_views: all`, the release) or the targets only.
 Camera dropout (CFG's unconditional branch) is the DiT's own training-mode behaviour.
+
+A batch of a latent cache (gld/train/latent_cache.py, `train.latent_cache`) already carries the
+result of steps 1-2 (x, source, is_src, c2w, K, image_size; no images): `inputs` passes it
+through (x and source as float32), encode_ms 0.
 """
 from __future__ import annotations
 
@@ -77,7 +81,14 @@ class DiffusionStage:
     @torch.no_grad()
     def inputs(self, batch: dict) -> dict:
         """Batch -> the DiT's inputs and the clean latents: x (B, V, N, C), source, is_src
-        (B, V), c2w, K, image_size, all views ordered sources first."""
+        (B, V), c2w, K, image_size, all views ordered sources first. A cached batch (it carries
+        x) is returned as it is, its latents as float32."""
+        if "x" in batch:
+            return dict(x=batch["x"].float(), source=batch["source"].float(),
+                        is_src=batch["is_src"].bool(), c2w=batch["c2w"].float(),
+                        K=batch["K"].float(), image_size=tuple(int(s) for s in
+                                                               batch["image_size"]),
+                        encode_ms=0.0)
         order, _ = sources_first(batch)
         images = _gather_views(batch_images(batch), order)
         is_src = _gather_views(batch["source_mask"], order)
@@ -107,23 +118,38 @@ class DiffusionStage:
         loss = flow_loss(pred, x, eps, mask)
         return loss, {"t_mean": t.mean().detach(), "encode_ms": inp["encode_ms"]}
 
+    @staticmethod
+    def _shape(batch: dict) -> tuple[int, int, int]:
+        """(B, V, tokens per view) of an image batch or a cached one (x: (B, V, N, C))."""
+        if "x" in batch:
+            B, V, N = batch["x"].shape[:3]
+            return int(B), int(V), int(N)
+        B, V, _, H, W = batch["images"].shape
+        return int(B), int(V), (H // PATCH_SIZE) * (W // PATCH_SIZE)
+
     def samples_in(self, batch: dict) -> int:
-        return int(batch["images"].shape[0])
+        return self._shape(batch)[0]
 
     def tokens_in(self, batch: dict) -> int:
-        B, V, _, H, W = batch["images"].shape
-        return B * V * (H // PATCH_SIZE) * (W // PATCH_SIZE)
+        B, V, N = self._shape(batch)
+        return B * V * N
 
     def flops_per_sample(self, batch: dict) -> Optional[float]:
-        _, V, _, H, W = batch["images"].shape
-        return train_flops_per_sample(self.model, V, (H // PATCH_SIZE) * (W // PATCH_SIZE))
+        _, V, N = self._shape(batch)
+        return train_flops_per_sample(self.model, V, N)
 
     # -- sample grids --------------------------------------------------------------------------
     @torch.no_grad()
     def sample_grid(self, model: nn.Module, batch: dict, step: int, out_dir) -> Optional[str]:
         """Rows: sources | generated | ground truth (decoded when a decoder is given) | DA3 depth
         of the generated views, for the first sample of the batch (all ranks run the model,
-        rank 0 writes)."""
+        rank 0 writes). None for a cached batch (no images to show)."""
+        if "images" not in batch:
+            if not getattr(self, "_warned_grid", False):
+                log.warning("train.sample_every: no sample grids from a latent cache (its "
+                            "batches carry no images)")
+                self._warned_grid = True
+            return None
         import torch.distributed as dist
 
         from gld.diffusion.sampler import initial_noise, sample
