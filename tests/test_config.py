@@ -32,12 +32,12 @@ def test_authors_settings_in_base_preset():
 
 
 def test_overrides_apply_with_types():
-    cfg = load_config(CONFIGS / "tiny.yaml", ["--diffusion.logit_std=0.5", "--data.num_views", "6",
+    cfg = load_config(CONFIGS / "tiny.yaml", ["--diffusion.logit_std=0.5", "--data.num_views", "3",
                                               "--data.resolutions=[[28, 42]]",
                                               "--data.s3_endpoint=http://127.0.0.1:9",
                                               "--data.eval.resolution=null"])
     assert cfg.diffusion.logit_std == 0.5 and isinstance(cfg.diffusion.logit_std, float)
-    assert cfg.data.num_views == 6
+    assert cfg.data.num_views == 3
     assert cfg.data.resolutions == [(28, 42)]
     assert cfg.data.s3_endpoint == "http://127.0.0.1:9"
     assert cfg.data.eval.resolution is None

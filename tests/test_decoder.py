@@ -91,6 +91,25 @@ def test_per_level_dropout_errors(value, match):
         RGBDecoder(decoder_preset("tiny", level_dropout=value))
 
 
+def test_noise_augmentation_scales_with_each_channel_in_training_only():
+    torch.manual_seed(3)
+    dec = RGBDecoder(decoder_preset("tiny", noise_tau=0.8, level_dropout=(1.0, 0.0, 0.0, 0.0)))
+    B, V, size = 256, 2, (28, 42)
+    levels = levels_for(B, V, *size)
+    levels[2] = levels[2] * 10.0                                 # a level with 10x the spread
+    ref = torch.stack(levels, dim=3)                             # (B, V, N, 4, c)
+    seen = embed_inputs(dec.train(), levels, size)
+    noise = seen - ref
+    assert (seen[..., 0, :] == 0).all()                          # the dropped level stays zero
+    rms = noise.pow(2).mean(dim=(0, 1, 2, 4)).sqrt()             # per level
+    # E[sigma^2] = tau^2 for sigma ~ |N(0, tau^2)|; the noise follows each channel's spread
+    assert 0.6 < (rms[2] / rms[1]).item() / 10.0 < 1.6
+    per_sample = noise[..., 1, :].pow(2).mean(dim=(1, 2, 3)).sqrt() / ref[..., 1, :].std()
+    assert 0.6 < per_sample.pow(2).mean().sqrt().item() / 0.8 < 1.4
+    assert per_sample.std() > 0.2                                 # sigma drawn per sample
+    assert torch.equal(embed_inputs(dec.eval(), levels, size), ref)
+
+
 def test_input_errors():
     dec = RGBDecoder(TINY).eval()
     lv = levels_for(1, 2, 28, 42)
@@ -108,7 +127,8 @@ def test_input_errors():
 
 
 @pytest.mark.parametrize("field,value", [("heads", 5), ("width", 0), ("in_channels", 30),
-                                          ("level_dropout", 1.0), ("base_grid", (0, 3))])
+                                          ("level_dropout", 1.0), ("base_grid", (0, 3)),
+                                          ("noise_tau", -0.1)])
 def test_config_errors_name_the_key(field, value):
     cfg = decoder_preset("tiny", **{field: value})
     with pytest.raises(ConfigError, match=rf"model\.decoder\.{field}"):

@@ -34,7 +34,7 @@ def job(tmp_path_factory):
 
 def test_job_writes_report_checkpoints_and_model(job):
     metrics = json.loads((job / "report" / "metrics.json").read_text())
-    for name in ("generated", "scene_mean", "mean_image", "reconstruction"):
+    for name in ("generated", "scene_mean", "mean_image", "nearest_source", "reconstruction"):
         assert 0 < metrics[name]["psnr"] < 100 and -1 <= metrics[name]["ssim"] <= 1
     assert metrics["targets"] == 2 * metrics["view_sets"] > 0
     assert set(metrics["depth_generated"]) >= {"abs_rel", "delta1"}

@@ -8,6 +8,8 @@ generates the other views; scores are averaged over all generated target images:
   prediction that knows the scene's colours but not the target camera, "better than nothing";
 - `mean_image`: the same for the view set's mean image (its few views, the targets themselves
   weighing 1/V each: a stricter baseline than the scene's, and one that blur favours under PSNR);
+- `nearest_source`: each target replaced by the source view whose camera centre is nearest
+  (what a model that only copies its input would score);
 - `reconstruction`: the targets' own encoded levels through the decoder (level 0 absent as in
   the pipeline): the decoder's ceiling for the generated views;
 - `depth_generated` / `depth_encoded`: DA3's depth of the generated targets and of the real
@@ -68,6 +70,13 @@ def _encoded_depth(pipe, images: Tensor) -> Tensor:
     return space.encoder.geometry(levels, tuple(images.shape[-2:]))["depth"]
 
 
+def _nearest_source(images: Tensor, c2w: Tensor, S: int) -> Tensor:
+    """(B, T, 3, H, W): for every target the source whose camera centre is nearest."""
+    centres = c2w[..., :3, 3]
+    d = torch.cdist(centres[:, S:], centres[:, :S])                 # (B, T, S)
+    return _take(images[:, :S], d.argmin(-1))
+
+
 def _scores(pred: Tensor, gt: Tensor, lpips: Optional[LPIPSMetric]) -> dict[str, list]:
     out = {"psnr": psnr(pred, gt).flatten().tolist(), "ssim": ssim(pred, gt).flatten().tolist()}
     if lpips is not None:
@@ -78,7 +87,8 @@ def _scores(pred: Tensor, gt: Tensor, lpips: Optional[LPIPSMetric]) -> dict[str,
 def evaluate_nvs(pipe, batches: Iterable[dict], max_batches: int, *, lpips_net: str = "alex",
                  depth_align: str = "median", seed: int = 0, device=None
                  ) -> tuple[dict, Optional[np.ndarray]]:
-    """-> (metrics, grid): metrics {"generated"|"scene_mean"|"mean_image"|"reconstruction":
+    """-> (metrics, grid): metrics {"generated"|"scene_mean"|"mean_image"|"nearest_source"|
+    "reconstruction":
     {"psnr", "ssim", "lpips"} (scene_mean None without it in the batches),
     "depth_generated"|"depth_encoded": depth_metrics keys, "view_sets", "targets", "unavailable":
     {path: reason}}; grid (uint8) of the first view set: sources | generated |
@@ -87,7 +97,7 @@ def evaluate_nvs(pipe, batches: Iterable[dict], max_batches: int, *, lpips_net: 
     reason = lpips_unavailable_reason(lpips_net)
     lpips = LPIPSMetric(lpips_net) if reason is None else None
     acc: dict[str, dict[str, list]] = {"generated": {}, "scene_mean": {}, "mean_image": {},
-                                       "reconstruction": {}}
+                                       "nearest_source": {}, "reconstruction": {}}
     depth_rows: dict[str, list[dict]] = {"depth_generated": [], "depth_encoded": []}
     grid, sets = None, 0
     for i, batch in enumerate(batches):
@@ -103,7 +113,8 @@ def evaluate_nvs(pipe, batches: Iterable[dict], max_batches: int, *, lpips_net: 
         gt = images[:, S:]
         mean = mean_image_baseline(images)[:, None].expand_as(gt)
         recon = _reconstruct(pipe, images, S)
-        preds = [("generated", out.images), ("mean_image", mean), ("reconstruction", recon)]
+        preds = [("generated", out.images), ("mean_image", mean),
+                 ("nearest_source", _nearest_source(images, c2w, S)), ("reconstruction", recon)]
         if "scene_mean" in batch:
             preds.append(("scene_mean", batch["scene_mean"].float().to(device)[:, None]
                           .expand_as(gt)))

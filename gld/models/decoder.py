@@ -21,6 +21,12 @@ every level; four numbers (L0..L3) set each level's own probability, 1 = always 
 decoder for a pipeline without level 0: `[1, p, p, p]` trains exactly the inference case). The
 release reads this setting (one number) but never applies it.
 
+Noise augmentation (training only; RAE's noise-augmented decoding): with `noise_tau` > 0 every
+sample's levels get Gaussian noise of standard deviation sigma x (each channel's standard
+deviation over the batch's tokens), sigma ~ |N(0, noise_tau^2)| per sample, before level
+dropout. A decoder trained so reads generated latents, which carry the sampler's errors, without
+breaking up; 0 (the release) turns it off.
+
 Shapes: B batch, V views, N = (H/14)(W/14) tokens per view (row-major), 2C channels per level.
 """
 from __future__ import annotations
@@ -54,6 +60,7 @@ class DecoderConfig:
     in_channels: int = NUM_LEVELS * 1536
     base_grid: tuple[int, int] = (36, 36)      # the position table's grid (504 / 14)
     level_dropout: Union[float, tuple[float, float, float, float]] = 0.0
+    noise_tau: float = 0.0
     layer_norm_eps: float = 1e-12
 
     def validate(self, key: str = "model.decoder") -> None:
@@ -84,6 +91,10 @@ class DecoderConfig:
         elif not 0.0 <= p < 1.0:
             raise ConfigError(f"{key}.level_dropout: must be in [0, 1) (or {NUM_LEVELS} "
                               f"per-level probabilities), got {p}")
+        if isinstance(self.noise_tau, bool) or not isinstance(self.noise_tau, (int, float)) \
+                or not 0.0 <= self.noise_tau < float("inf"):
+            raise ConfigError(f"{key}.noise_tau: must be a finite number >= 0, got "
+                              f"{self.noise_tau!r}")
 
     def level_dropout_probs(self) -> tuple[float, ...]:
         """The dropout probability of each level L0..L3."""
@@ -254,6 +265,10 @@ class RGBDecoder(nn.Module):
         p = self.cfg.patch_size
         hp, wp = H // p, W // p
         x = torch.cat(list(levels), dim=-1)
+        if self.training and self.cfg.noise_tau > 0:
+            std = x.detach().float().flatten(0, 2).std(0)                    # (4 2C,)
+            sigma = torch.randn(B, 1, 1, 1, device=x.device).abs() * self.cfg.noise_tau
+            x = x + (sigma * std * torch.randn_like(x, dtype=torch.float32)).to(x.dtype)
         probs = self.cfg.level_dropout_probs()
         if self.training and any(probs):
             drop_p = torch.tensor(probs, device=x.device)

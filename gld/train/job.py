@@ -224,6 +224,7 @@ def run_job(cfg, progress: bool = True) -> dict:
     notes = [f"generated target views: PSNR {gen:.2f} dB"]
     for key, what in (("scene_mean", "the scene's mean image (all frames of the sequence)"),
                       ("mean_image", "the view set's mean image (its views, targets included)"),
+                      ("nearest_source", "the nearest source view copied"),
                       ("reconstruction", "the decoder's ceiling (the targets' own latents)")):
         if metrics.get(key):
             base = metrics[key]["psnr"]
