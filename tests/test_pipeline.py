@@ -196,7 +196,8 @@ def test_from_release_files(parts, scene, tmp_path):
     torch.save({"ema": dit.state_dict(), "model": {}}, tmp_path / "level1.pt")
     (w0, w1), (d0, d1), (h0, h1) = dit.cfg.widths, dit.cfg.depths, dit.cfg.heads
     params = dict(patch_size=1, in_channels=dit.cfg.latent_channels, hidden_size=[w0, w1],
-                  depth=[d0, d1], num_heads=[h0, h1], mlp_ratio=4.0, use_qknorm=False,
+                  depth=[d0, d1], num_heads=[h0, h1], mlp_ratio=dit.cfg.mlp_ratio,
+                  use_qknorm=False,
                   use_swiglu=True, use_rope=False, use_rmsnorm=True, wo_shift=False,
                   use_pos_embed=False, use_prope=True, architecture_mode="new",
                   cfg_mode="new", cam_patch_size=14, level=1, is_concat_mode=True)
