@@ -30,7 +30,7 @@ from gld.models.decoder_loss import DecoderLossConfig
 from gld.train.config import TrainConfig
 from gld.train.job_config import JobConfig
 
-__all__ = ["ConfigError", "Config", "load_config", "save_config", "parse_overrides"]
+__all__ = ["ConfigError", "Config", "load_config", "load_config_or_exit", "save_config", "parse_overrides"]
 
 
 @dataclass
@@ -126,6 +126,16 @@ def load_config(path: Optional[str | os.PathLike] = None, overrides: Sequence[st
         data = _read_yaml(Path(path))
     data = deep_merge(data, parse_overrides(overrides))
     return from_dict(Config, data).validate()
+
+
+def load_config_or_exit(path: Optional[str | os.PathLike] = None,
+                        overrides: Sequence[str] = ()) -> Config:
+    """`load_config` for entry points: a ConfigError ends the process with "config error: ..."
+    (exit status 1), without a traceback."""
+    try:
+        return load_config(path, overrides)
+    except ConfigError as e:
+        raise SystemExit(f"config error: {e}") from None
 
 
 def save_config(cfg: Config, path: str | os.PathLike) -> None:

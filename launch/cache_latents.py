@@ -15,7 +15,7 @@ import argparse
 import json
 import sys
 
-from gld.config import ConfigError, load_config
+from gld.config import load_config_or_exit
 
 
 def main(argv=None) -> dict:
@@ -29,10 +29,7 @@ def main(argv=None) -> dict:
     ap.add_argument("--overwrite", action="store_true", help="replace an existing cache")
     ap.add_argument("--no-progress", action="store_true")
     args, overrides = ap.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = load_config_or_exit(args.config, overrides)
     if args.epochs < 1:
         sys.exit(f"--epochs: must be >= 1, got {args.epochs}")
     from gld.train.latent_cache import LatentCacheError, write_latent_cache

@@ -21,7 +21,7 @@ import sys
 import torch
 import torch.distributed as dist
 
-from gld.config import ConfigError, load_config
+from gld.config import load_config_or_exit
 from gld.data.streaming import build_loader
 from gld.latents import build_latent_space, save_stats
 from gld.latents.collect import collect_stats
@@ -58,10 +58,7 @@ def levels_from(arg: str, boundary: int) -> list[int]:
 
 def main(argv=None) -> None:
     args, overrides = parse(argv)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = load_config_or_exit(args.config, overrides)
     if not args.out.endswith(".safetensors"):
         sys.exit(f"--out: expected a .safetensors path, got {args.out!r}")
     levels = levels_from(args.levels, cfg.latent.boundary_level)

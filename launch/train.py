@@ -12,9 +12,8 @@ launcher (deepspeed, torchrun) or is a world of one (python).
 from __future__ import annotations
 
 import argparse
-import sys
 
-from gld.config import ConfigError, load_config
+from gld.config import load_config_or_exit
 from gld.train.job import run_job, run_stage
 
 
@@ -24,10 +23,7 @@ def main(argv=None) -> None:
     ap.add_argument("--local_rank", type=int, default=None, help=argparse.SUPPRESS)  # deepspeed
     ap.add_argument("--no-progress", action="store_true")
     args, overrides = ap.parse_known_args(argv)
-    try:
-        cfg = load_config(args.config, overrides)
-    except ConfigError as e:
-        sys.exit(f"config error: {e}")
+    cfg = load_config_or_exit(args.config, overrides)
     if cfg.job.stages:
         run_job(cfg, progress=not args.no_progress)
     else:

@@ -15,7 +15,8 @@ import shutil
 import tempfile
 import uuid
 from pathlib import Path
-from typing import Iterable, Literal, Optional
+from contextlib import contextmanager
+from typing import Iterable, Iterator, Literal, Optional
 
 from gld.data import records, s3
 from gld.data.schema import META_FILE, DataError, DatasetMeta, Sequence, check_cameras
@@ -79,6 +80,52 @@ class _WdsShards:
             last["bytes"] = os.path.getsize(self.folder / last["name"])  # the file's size
 
 
+@contextmanager
+def atomic_output(output: str, endpoint: Optional[str], overwrite: bool, meta_file: str,
+                  what: str, hint: str = "pass overwrite") -> Iterator[Path]:
+    """Yield the path of a hidden folder (not yet created) to write `output` into (a local folder or an s3:// prefix).
+
+    On a clean exit the folder is fsynced and replaces `output` with one rename (a local
+    destination), or is uploaded with `meta_file` last (s3://, staged locally first), so a
+    reader never sees a half-written output that carries its meta file. On any error the
+    partial folder is removed and `output` is left as it was. An existing output is refused
+    unless `overwrite` (`what` / `hint` word the error).
+    """
+    remote = s3.is_s3(output)
+    if remote:
+        if s3.exists(s3.join(output, meta_file), endpoint) and not overwrite:
+            raise FileExistsError(f"{output} already holds {what} ({hint})")
+        staging_parent = tempfile.mkdtemp(prefix="gld-write-")
+        final = Path(staging_parent) / "out"
+    else:
+        final = Path(output)
+        if final.exists() and not overwrite:
+            raise FileExistsError(f"{output} already exists ({hint} to replace it)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        yield tmp
+        _fsync_tree(tmp)
+        if final.exists():
+            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.rename(final, trash)
+            shutil.rmtree(trash, ignore_errors=True)
+        os.rename(tmp, final)
+        fd = os.open(final.parent, os.O_RDONLY)  # makes the rename durable
+        os.fsync(fd)
+        os.close(fd)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if remote:
+            shutil.rmtree(staging_parent, ignore_errors=True)
+        raise
+    if remote:
+        try:
+            s3.upload_dir(str(final), output, last=(meta_file,), endpoint=endpoint)
+        finally:
+            shutil.rmtree(staging_parent, ignore_errors=True)
+
+
 def write_dataset(sequences: Iterable[Sequence], output: str,
                   writer: Literal["mds", "wds"] = "mds", meta: Optional[DatasetMeta] = None, *,
                   max_frames: Optional[int] = None, shard_records: int = 64,
@@ -99,41 +146,11 @@ def write_dataset(sequences: Iterable[Sequence], output: str,
     if writer not in ("mds", "wds"):
         raise ValueError(f"writer must be 'mds' or 'wds', got {writer!r}")
     meta = DatasetMeta(source="") if meta is None else meta
-    remote = s3.is_s3(output)
-    if remote:
-        if s3.exists(s3.join(output, META_FILE), endpoint) and not overwrite:
-            raise FileExistsError(f"{output} already holds a dataset (pass overwrite=True)")
-        staging_parent = tempfile.mkdtemp(prefix="gld-write-")
-        final = Path(staging_parent) / "out"
-    else:
-        final = Path(output)
-        if final.exists() and not overwrite:
-            raise FileExistsError(f"{output} already exists (pass overwrite=True to replace it)")
-        final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
+    with atomic_output(output, endpoint, overwrite, META_FILE, "a dataset",
+                       "pass overwrite=True") as tmp:
         _write_shards(sequences, tmp, writer, meta, max_frames, shard_records, shard_bytes,
                       validate, progress)
         (tmp / META_FILE).write_text(meta.to_json())
-        _fsync_tree(tmp)
-        if final.exists():
-            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(tmp, final)
-        fd = os.open(final.parent, os.O_RDONLY)  # makes the rename durable
-        os.fsync(fd)
-        os.close(fd)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if remote:
-            shutil.rmtree(staging_parent, ignore_errors=True)
-        raise
-    if remote:
-        try:
-            s3.upload_dir(str(final), output, last=(META_FILE,), endpoint=endpoint)
-        finally:
-            shutil.rmtree(staging_parent, ignore_errors=True)
     return meta
 
 

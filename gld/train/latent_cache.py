@@ -162,7 +162,7 @@ def write_latent_cache(cfg, out_dir: str, epochs: int, *, dtype: str = "float16"
     from tqdm import tqdm
 
     from gld.data.streaming import build_loader
-    from gld.data.writers import _fsync_tree
+    from gld.data.writers import atomic_output
     from gld.train.stages.common import sources_first
 
     if dtype not in DTYPES:
@@ -182,20 +182,8 @@ def write_latent_cache(cfg, out_dir: str, epochs: int, *, dtype: str = "float16"
             "data": {k: getattr(cfg.data, k) for k in (
                 "source", "paths", "seed", "shuffle", "batch_size", "min_sources", "max_sources",
                 "view_window", "synthetic_scenes") if hasattr(cfg.data, k)}}
-    remote = s3.is_s3(out_dir)
-    if remote:
-        if s3.exists(s3.join(out_dir, META_FILE), endpoint) and not overwrite:
-            raise FileExistsError(f"{out_dir} already holds a latent cache (pass overwrite)")
-        staging = tempfile.mkdtemp(prefix="gld-latents-")
-        final = Path(staging) / "out"
-    else:
-        final = Path(out_dir)
-        if final.exists() and not overwrite:
-            raise FileExistsError(f"{out_dir} already exists (pass overwrite to replace it)")
-        final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}"
-    loader = build_loader(cfg.data, "train", rank=0, world_size=1)
-    try:
+    with atomic_output(out_dir, endpoint, overwrite, META_FILE, "a latent cache") as tmp:
+        loader = build_loader(cfg.data, "train", rank=0, world_size=1)
         counts = []
         writer = MDSWriter(out=str(tmp), columns=COLUMNS, compression=None,
                            size_limit=shard_bytes, max_workers=1, exist_ok=True)
@@ -223,22 +211,6 @@ def write_latent_cache(cfg, out_dir: str, epochs: int, *, dtype: str = "float16"
         x_shape = list(inp["x"].shape[1:])
         meta.update(records=sum(counts), epoch_records=counts, latent_shape=x_shape)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=1))
-        _fsync_tree(tmp)
-        if final.exists():
-            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-            os.rename(final, trash)
-            shutil.rmtree(trash, ignore_errors=True)
-        os.rename(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if remote:
-            shutil.rmtree(staging, ignore_errors=True)
-        raise
-    if remote:
-        try:
-            s3.upload_dir(str(final), out_dir, last=(META_FILE,), endpoint=endpoint)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
     return meta
 
 

@@ -57,8 +57,9 @@ class DiffusionStage:
         self.device = torch.device(device)
         self.space = frozen_space(cfg, self.device, normalize=cfg.latent.normalize)
         dit_cfg = cfg.model.dit_config(cfg.level_channels)
-        if dit_cfg.narrow_head():
-            log.warning("model.dit: %s", dit_cfg.narrow_head())
+        why = dit_cfg.narrow_head()
+        if why:
+            log.warning("model.dit: %s", why)
         self.model: nn.Module = DiTDH(dit_cfg)
         H, W = cfg.data.resolutions[0]
         tokens = (H // PATCH_SIZE) * (W // PATCH_SIZE)
