@@ -99,7 +99,9 @@ class DecoderConfig:
     def level_dropout_probs(self) -> tuple[float, ...]:
         """The dropout probability of each level L0..L3."""
         p = self.level_dropout
-        return tuple(float(v) for v in p) if isinstance(p, (list, tuple)) else (float(p),) * NUM_LEVELS
+        if isinstance(p, (list, tuple)):
+            return tuple(float(v) for v in p)
+        return (float(p),) * NUM_LEVELS
         if not self.layer_norm_eps > 0:
             raise ConfigError(f"{key}.layer_norm_eps: must be > 0, got {self.layer_norm_eps}")
 
