@@ -71,9 +71,14 @@ def main(argv=None) -> None:
                f"--train.log_every={args.log_every}", "--train.save_every=0", *over,
                *args.overrides]
         t0 = time.perf_counter()
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=args.timeout)
+        except subprocess.TimeoutExpired:
+            proc = None
         rec = dict(spec=spec, cmd=" ".join(cmd[1:]), wall_s=round(time.perf_counter() - t0, 1))
-        if proc.returncode != 0:
+        if proc is None:
+            rec["error"] = f"did not finish within --timeout {args.timeout} s"
+        elif proc.returncode != 0:
             tail = (proc.stdout + proc.stderr)[-1500:]
             rec["error"] = "out of memory" if "OutOfMemory" in tail else tail
         else:

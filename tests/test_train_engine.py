@@ -30,6 +30,11 @@ def test_ds_config_derives_the_global_batch_once():
     assert c["gradient_clipping"] == 0.5 and c["bf16"] == {"enabled": False}
     assert c["torch_autocast"] == {"enabled": True, "dtype": "bfloat16"}
     assert c["zero_optimization"]["stage"] == 2
+    # ZeRO-1/2 pad every parameter to 16 bytes in the flat buffer (compiled blocks need it)
+    assert c["zero_optimization"]["parameter_alignment"] is True
+    assert c["zero_optimization"]["overlap_comm"] is False
+    cfg.overlap_comm = True
+    assert ds_config(cfg, 3, 2)["zero_optimization"]["overlap_comm"] is True
     # no JIT-built optimizer or scheduler: both are torch objects handed over in code
     assert "optimizer" not in c and "scheduler" not in c
     assert "offload_optimizer" not in c["zero_optimization"]

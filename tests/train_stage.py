@@ -1,7 +1,7 @@
 """A tiny training stage for the trainer tests: regress each view's mean colour from its
 pixels, pooled to 7x7.
 
-Model: (B*V, 3*7*7) -> Linear(147, 32) -> 2 x TinyBlock -> Linear(32, 3). TinyBlock holds a
+Model: (B*V, 3*7*7) -> Linear(147, 32) x scale -> 2 x TinyBlock -> Linear(32, 3). TinyBlock holds a
 parameter of its own (`gain`) besides its sub-layers, so activation checkpointing under ZeRO-3
 must gather a block's direct parameters too. `nan_step` / `nan_rank`: the loss is NaN at that
 optimizer step (on that rank only, or every rank when nan_rank is None). `seen` records
@@ -33,12 +33,15 @@ class TinyBlock(nn.Module):
 class TinyNet(nn.Module):
     def __init__(self, dim: int = 32):
         super().__init__()
+        # one element, registered first: without ZeRO's per-parameter alignment every later
+        # parameter of its optimizer group (no weight decay) would sit 4 bytes off 16
+        self.scale = nn.Parameter(torch.ones(1))
         self.inp = nn.Linear(3 * 7 * 7, dim)
         self.blocks = nn.ModuleList([TinyBlock(dim), TinyBlock(dim)])
         self.out = nn.Linear(dim, 3)
 
     def forward(self, x):  # x (N, 147) -> (N, 3)
-        h = self.inp(x)
+        h = self.inp(x) * self.scale
         for blk in self.blocks:
             h = blk(h)
         return self.out(h)

@@ -91,6 +91,8 @@ def main(args: dict) -> None:
                             "step": trainer.step}, out / "start.pt")
         trainer.train()
         report["sharding"] = sharding(trainer)
+        report["misaligned"] = [n for n, p in trainer.engine.module.named_parameters()
+                                if p.numel() and p.data_ptr() % 16]
         full = gathered(trainer.engine.module)
         if rank == 0:
             torch.save({"live": full, "ref_ema": ref_ema}, out / "live.pt")

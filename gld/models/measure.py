@@ -15,10 +15,12 @@ from gld.models.dit import DiTDH
 __all__ = ["train_flops_per_sample", "random_batch"]
 
 
-def train_flops_per_sample(model: DiTDH, views: int, tokens_per_view: int) -> float:
+def train_flops_per_sample(model: DiTDH, views: int, tokens_per_view: int,
+                           params: int | None = None) -> float:
+    """params: the model's parameter count when its tensors do not hold it (sharded)."""
     cfg = model.cfg
     L = views * tokens_per_view
-    params = sum(p.numel() for p in model.parameters())
+    params = sum(p.numel() for p in model.parameters()) if params is None else params
     attn = sum(depth * 4 * heads * L * L * (width // heads)
                for width, depth, heads in zip(cfg.widths, cfg.depths, cfg.heads))
     return 6.0 * params * L + 3.0 * attn

@@ -44,7 +44,9 @@ class TrainConfig:
     or s3://) of latents cached offline by launch/cache_latents.py (gld/train/latent_cache.py);
     the diffusion stage then trains from it instead of encoding every batch on the fly (None,
     the default: on the fly). Only with stage diffusion; its latent_cache.json must match the
-    config's encoder, boundary level, statistics, resolution and view count.
+    config's encoder, boundary level, statistics, resolution and view count. overlap_comm:
+    ZeRO >= 1 reduces and copies gradients on a side stream while the backward runs
+    (DeepSpeed's overlap_comm; more memory for its buckets); off, they run in line.
     """
 
     stage: Literal["decoder", "diffusion"] = "diffusion"
@@ -64,6 +66,7 @@ class TrainConfig:
     offload_params: bool = False
     activation_checkpointing: bool = False
     compile: bool = False
+    overlap_comm: bool = False
     ema_decay: float = 0.0
     ema_every: int = 1
     out_dir: str = "runs/gld"

@@ -52,7 +52,14 @@ def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
         zero.update(stage3_param_persistence_threshold=0,
                     stage3_gather_16bit_weights_on_model_save=False)
     if cfg.zero_stage >= 1:
-        zero.update(overlap_comm=False, contiguous_gradients=True)
+        zero.update(overlap_comm=cfg.overlap_comm, contiguous_gradients=True)
+    if cfg.zero_stage in (1, 2):
+        # Every parameter starts 16-byte aligned in ZeRO's flat buffer (else a parameter after
+        # one of odd size sits at any 4-byte offset). Compiled blocks need it: inductor's
+        # kernels take parameters as aligned, and a misaligned one stops the first step with
+        # "CUDA error: misaligned address". Costs at most 3 fp32 elements per parameter; always
+        # on, so that a checkpoint resumes with or without train.compile.
+        zero["parameter_alignment"] = True
     if cfg.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if cfg.offload_params:
@@ -237,6 +244,13 @@ def build_engine(stage, cfg: TrainConfig, micro_batch: int,
     rank, world, device = setup_distributed(device)
     model = stage.model
     if cfg.compile:
+        if cfg.zero_stage == 3:
+            # ZeRO-3 gathers parameters into views of coalesced buffers at offsets that change
+            # from step to step (no per-parameter alignment at stage 3), while inductor's kernels
+            # would take parameters as 16-byte aligned: give up its divisibility hints instead.
+            import torch._inductor.config as inductor_config
+
+            inductor_config.triton.divisible_by_16 = False
         compile_blocks(model, getattr(stage, "checkpoint_modules", ()))
     if cfg.activation_checkpointing:
         apply_activation_checkpointing(model, getattr(stage, "checkpoint_modules", ()))

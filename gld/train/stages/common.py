@@ -9,7 +9,14 @@ from torch import Tensor
 
 from gld.latents.space import LatentSpace, build_latent_space
 
-__all__ = ["frozen_space", "batch_images", "autocast_for", "sources_first", "Stopwatch"]
+__all__ = ["frozen_space", "batch_images", "autocast_for", "sources_first", "Stopwatch",
+           "param_count"]
+
+
+def param_count(model) -> int:
+    """Parameters of `model`, whole: a ZeRO-3 partitioned parameter's tensor is empty between
+    forwards, its full size is `ds_numel`."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
 
 
 class Stopwatch:

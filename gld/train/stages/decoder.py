@@ -14,7 +14,8 @@ from torch import Tensor, nn
 from gld.encoders.da3 import PATCH_SIZE
 from gld.models import DecoderLoss, RGBDecoder
 from gld.models.decoder import DecoderLayer
-from gld.train.stages.common import Stopwatch, autocast_for, batch_images, frozen_space
+from gld.train.stages.common import (Stopwatch, autocast_for, batch_images, frozen_space,
+                                     param_count)
 
 __all__ = ["DecoderStage"]
 
@@ -63,7 +64,7 @@ class DecoderStage:
         _, V, _, H, W = batch["images"].shape
         n = (H // PATCH_SIZE) * (W // PATCH_SIZE) + 1
         c = self.model.cfg
-        params = sum(p.numel() for p in self.model.parameters())
+        params = param_count(self.model)
         return V * (6.0 * params * n + 3.0 * c.depth * 4 * n * n * c.width)
 
     @torch.no_grad()

@@ -32,7 +32,7 @@ from gld.models import DiTDH
 from gld.models.layers import AdaLNBlock
 from gld.models.measure import train_flops_per_sample
 from gld.train.stages.common import (Stopwatch, autocast_for, batch_images, frozen_space,
-                                     sources_first)
+                                     param_count, sources_first)
 
 __all__ = ["DiffusionStage"]
 
@@ -137,7 +137,7 @@ class DiffusionStage:
 
     def flops_per_sample(self, batch: dict) -> Optional[float]:
         _, V, N = self._shape(batch)
-        return train_flops_per_sample(self.model, V, N)
+        return train_flops_per_sample(self.model, V, N, params=param_count(self.model))
 
     # -- sample grids --------------------------------------------------------------------------
     @torch.no_grad()
