@@ -5,9 +5,10 @@ frozen encoder in the step and the data streamed from shards by the loader), its
 back from <run>/<stage>/metrics.jsonl: the LAST logged window (after compilation and warm-up):
 samples/s, MFU (trainer's FLOP count against the device's dense bf16 peak), peak memory, and
 per step the frozen encoder's time (encode_ms, CUDA-synchronised) and the time waiting for the
-loader (data_ms).
+loader (data_ms). Give it enough scenes for many batches per epoch: each epoch starts the
+loader's workers anew (~0.8 s with 6 workers), which a 2-batch epoch charges to every other step.
 
-    python launch/prepare_data.py synthetic scenes=8,frames=12,size=504x504 /tmp/gld-shards
+    python launch/prepare_data.py synthetic scenes=96,frames=12,size=504x504 /tmp/gld-shards
     python launch/bench_train.py --config configs/bench_level1.yaml \
         --rows "zero=2,ckpt=0,batch=4;zero=3,ckpt=0,batch=4;zero=2,ckpt=1,batch=8" \
         --out launch/results/bench_train_h200_DATE.json -- --data.paths=[/tmp/gld-shards]
