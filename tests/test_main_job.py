@@ -1,5 +1,6 @@
 """The main job end to end (launch/train.py on configs/tiny.yaml with few steps): shards,
-statistics, both stages, export, held-out evaluation and report; then launch/export.py and
+statistics, the diffusion stage's latent cache, both stages, export, held-out evaluation and
+report; then launch/export.py and
 launch/sample.py on what it wrote. The quality of the full-length job is recorded in the
 README; here the plumbing and the report's contents are checked."""
 from __future__ import annotations
@@ -27,7 +28,7 @@ def job(tmp_path_factory):
             "--job.stages.decoder.warmup_steps=0", "--job.stages.diffusion.warmup_steps=0",
             "--job.prepare.train=scenes=4,frames=12,size=56x56,seed=0",
             "--job.stats_batches=2", "--job.eval.batches=1", "--diffusion.sampler.steps=3",
-            "--no-progress")
+            "--job.latent_cache.epochs=2", "--no-progress")
     assert r.returncode == 0, r.stderr[-3000:]
     return out
 
@@ -55,6 +56,23 @@ def test_job_writes_report_checkpoints_and_model(job):
                                    "latent_stats.safetensors"}
 
 
+def test_diffusion_stage_trains_from_the_jobs_latent_cache(job):
+    # 4 scenes, batch 4: one record per scene and epoch, one step per epoch; the 4 steps
+    # repeat the 2 cached epochs
+    meta = json.loads((job / "latent_cache" / "latent_cache.json").read_text())
+    assert meta["epochs"] == 2 and meta["epoch_records"] == [4, 4]
+    assert meta["normalize"] and meta["stats_files"] == [str(job / "latent_stats.safetensors")]
+    import yaml
+    cfg = yaml.safe_load((job / "config.yaml").read_text())   # the last stage's config
+    assert cfg["train"]["stage"] == "diffusion"
+    assert cfg["train"]["latent_cache"] == str(job / "latent_cache")
+    rows = [json.loads(x) for x in (job / "diffusion" / "metrics.jsonl").read_text().splitlines()]
+    assert rows and all(r["encode_ms"] == 0 for r in rows)   # no encoding while training
+    rows = [json.loads(x) for x in (job / "decoder" / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["encode_ms"] > 0 for r in rows)             # the decoder stage: on the fly
+    assert "latent_cache_s" in (job / "report" / "summary.md").read_text()
+
+
 def test_export_and_sample_from_the_job(job, tmp_path):
     r = run("launch/export.py", "--run", job, "--out", tmp_path / "raw", "--weights", "raw")
     assert r.returncode == 0, r.stderr[-2000:]
@@ -78,3 +96,6 @@ def test_bad_config_names_the_key(tmp_path):
     r = run("launch/train.py", "--config", "configs/tiny.yaml", "--train.zero_stage=5",
             f"--train.out_dir={tmp_path}")
     assert r.returncode != 0 and "train.zero_stage" in r.stderr
+    r = run("launch/train.py", "--config", "configs/tiny.yaml", "--job.latent_cache.epochs=-1",
+            f"--train.out_dir={tmp_path}")
+    assert r.returncode != 0 and "job.latent_cache.epochs" in r.stderr

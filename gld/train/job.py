@@ -6,7 +6,9 @@
                        latest checkpoints under the job folder
     run_job(cfg)       the main job in `cfg.train.out_dir`:
                          1. synthetic shards (job.prepare) -> data.paths / data.eval.paths
-                         2. latent statistics (job.stats_batches) -> latent.stats
+                         2. latent statistics (job.stats_batches) -> latent.stats; with
+                            job.latent_cache.epochs > 0 the diffusion stage's latent cache
+                            (<out_dir>/latent_cache) -> its train.latent_cache
                          3. each stage of job.stages in order, in <out_dir>/<stage>/, with its
                             train.* overrides, streamed from the shards by the data loader
                          4. export -> <out_dir>/model
@@ -185,6 +187,25 @@ def _stats(cfg, job_dir: Path):
     return replace(cfg, latent=replace(cfg.latent, stats=[str(path)], normalize=True))
 
 
+def _latent_cache(cfg, job_dir: Path, progress: bool = True):
+    """Write the diffusion stage's latent cache once (job.latent_cache.epochs epochs of the
+    training loader, encoded as the stage does) and point that stage at it; a stage override
+    train.latent_cache is kept as it is."""
+    from gld.train.latent_cache import META_FILE, write_latent_cache
+
+    spec = cfg.job.latent_cache
+    overrides = cfg.job.stages.get("diffusion")
+    if spec.epochs == 0 or overrides is None or overrides.get("latent_cache"):
+        return cfg
+    path = job_dir / "latent_cache"
+    if _rank() == 0 and not (path / META_FILE).is_file():
+        write_latent_cache(stage_config(cfg, "diffusion"), str(path), spec.epochs,
+                           dtype=spec.dtype, overwrite=True, progress=progress)
+    _barrier()
+    stages = {**cfg.job.stages, "diffusion": {**overrides, "latent_cache": str(path)}}
+    return replace(cfg, job=replace(cfg.job, stages=stages))
+
+
 def run_job(cfg, progress: bool = True) -> dict:
     """The main job (module doc); returns the report's metrics on rank 0 ({} elsewhere)."""
     from gld.data.streaming import build_loader
@@ -202,6 +223,10 @@ def run_job(cfg, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     cfg = _stats(cfg, job_dir)
     times["stats_s"] = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    cfg = _latent_cache(cfg, job_dir, progress)
+    if cfg.job.latent_cache.epochs:
+        times["latent_cache_s"] = time.perf_counter() - t0
     stages = {}
     for name in cfg.job.stages:
         t0 = time.perf_counter()

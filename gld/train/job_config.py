@@ -4,6 +4,8 @@ gld/train/job.py. Empty `stages` (the default) means a single-stage run of `trai
     job:
       prepare: {train: "scenes=24,frames=12,size=56x56", eval: "scenes=4,frames=12,size=56x56,start=1000"}
       stats_batches: 4               # latent statistics before the diffusion stage
+      latent_cache: {epochs: 0}      # > 0: the diffusion stage trains from a latent cache of
+                                     # that many epochs of the training loader, written once
       stages:                        # in order; each maps to overrides of the `train` section
         decoder: {steps: 300, lr: 3.0e-4}
         diffusion: {steps: 400}
@@ -16,7 +18,7 @@ from typing import Any, Literal, Optional
 
 from gld.configtypes import ConfigError
 
-__all__ = ["JobConfig", "PrepareConfig", "JobEvalConfig"]
+__all__ = ["JobConfig", "PrepareConfig", "JobEvalConfig", "JobCacheConfig"]
 
 STAGE_NAMES = ("decoder", "diffusion")
 
@@ -41,9 +43,22 @@ class JobEvalConfig:
 
 
 @dataclass
+class JobCacheConfig:
+    """The diffusion stage's latent cache (gld/train/latent_cache.py), written by the job into
+    <out_dir>/latent_cache after the statistics: `epochs` epochs of the training loader,
+    encoded once (0: encode every batch while training). Training repeats the cached epochs
+    (the same views of each record, fresh times and noise) past `epochs`; a stage override
+    `train.latent_cache` names another cache instead."""
+
+    epochs: int = 0
+    dtype: Literal["float16", "float32"] = "float16"
+
+
+@dataclass
 class JobConfig:
     prepare: PrepareConfig = field(default_factory=PrepareConfig)
     stats_batches: int = 0          # 0: use latent.stats as configured
+    latent_cache: JobCacheConfig = field(default_factory=JobCacheConfig)
     stages: dict[str, dict[str, Any]] = field(default_factory=dict)
     eval: JobEvalConfig = field(default_factory=JobEvalConfig)
 
@@ -64,5 +79,8 @@ class JobConfig:
                                       f"{', '.join(sorted(allowed))}")
         if self.stats_batches < 0:
             raise ConfigError(f"{key}.stats_batches: must be >= 0, got {self.stats_batches}")
+        if self.latent_cache.epochs < 0:
+            raise ConfigError(f"{key}.latent_cache.epochs: must be >= 0, got "
+                              f"{self.latent_cache.epochs}")
         if self.eval.batches < 0:
             raise ConfigError(f"{key}.eval.batches: must be >= 0, got {self.eval.batches}")
