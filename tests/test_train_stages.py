@@ -34,7 +34,7 @@ def test_sources_first_order_and_errors():
 
 
 def test_diffusion_inputs_as_the_release_builds_them():
-    cfg = tiny()
+    cfg = tiny("--diffusion.time_shift=auto")
     torch.manual_seed(0)
     stage = DiffusionStage(cfg)
     batch = first_batch(cfg)
@@ -61,6 +61,8 @@ def test_diffusion_inputs_as_the_release_builds_them():
     # "auto": sqrt(2C * tokens * views / 4096)
     expect = (cfg.level_channels * (H // 14) * (W // 14) * cfg.data.num_views / 4096) ** 0.5
     assert stage.time_shift == pytest.approx(expect)
+    # a number in the config is taken as it is (the tiny job sets one)
+    assert DiffusionStage(tiny("--diffusion.time_shift=16")).time_shift == 16.0
 
 
 def overfit(stage, batch, steps, lr):
