@@ -1,7 +1,8 @@
 """Where a training step's time goes: the trainer's own step, timed per phase (prints a table,
 writes JSON).
 
-The stage, loader, DeepSpeed engine and EMA are built as `launch/train.py` builds them; each
+The stage, loader, DeepSpeed engine and EMA are built as `launch/train.py` builds them
+(gld.train.job.build_trainer); each
 phase is then timed with the device synchronised before and after it (so the phases add up to
 a step slightly slower than the unsynchronised one `launch/bench_train.py` reports): waiting for
 the loader (and the batch's copy to the device), the frozen encoder, the forward and loss, the
@@ -23,10 +24,8 @@ from dataclasses import replace
 import torch
 
 from gld.config import load_config_or_exit
-from gld.data.streaming import build_loader
-from gld.train.engine import setup_distributed
-from gld.train.stages import build_stage
-from gld.train.trainer import Trainer, seed_everything
+from gld.train.engine import misaligned_parameters
+from gld.train.job import build_trainer
 from kernels.benchmarking import env_info, markdown_table, write_results
 
 
@@ -61,15 +60,12 @@ def main(argv=None) -> None:
     if args.steps <= args.skip:
         raise SystemExit(f"--steps ({args.steps}) must exceed --skip ({args.skip})")
     cfg = load_config_or_exit(args.config, args.overrides)
-    _, _, device = setup_distributed()
+    cfg = replace(cfg, train=replace(cfg.train, out_dir=args.run_dir, resume="none",
+                                     save_every=0))
+    trainer = build_trainer(cfg, progress=False)             # as launch/train.py builds it
+    stage, device = trainer.stage, trainer.device
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    seed_everything(cfg.train.seed)
-    stage = build_stage(cfg, device)
-    train = replace(cfg.train, out_dir=args.run_dir, resume="none", save_every=0)
-    trainer = Trainer(stage, train, build_loader(cfg.data, "train"), cfg.to_dict(),
-                      time_shift=getattr(stage, "time_shift", None), progress=False)
-    misaligned = [n for n, p in trainer.engine.module.named_parameters()
-                  if p.numel() and p.data_ptr() % 16]
+    misaligned = misaligned_parameters(trainer.engine.module)
     times: dict = defaultdict(list)
     timed(trainer, "next_batch", "loader", times, sync)
     if hasattr(stage, "inputs"):

@@ -40,7 +40,7 @@ def main(args: dict) -> None:
     from gld.data.config import DataConfig
     from gld.data.streaming import build_loader
     from gld.train.config import TrainConfig
-    from gld.train.engine import setup_distributed
+    from gld.train.engine import misaligned_parameters, setup_distributed
     from gld.train.trainer import Callback, Trainer, seed_everything
     from tests.train_stage import TinyStage
 
@@ -91,8 +91,7 @@ def main(args: dict) -> None:
                             "step": trainer.step}, out / "start.pt")
         trainer.train()
         report["sharding"] = sharding(trainer)
-        report["misaligned"] = [n for n, p in trainer.engine.module.named_parameters()
-                                if p.numel() and p.data_ptr() % 16]
+        report["misaligned"] = misaligned_parameters(trainer.engine.module)
         full = gathered(trainer.engine.module)
         if rank == 0:
             torch.save({"live": full, "ref_ema": ref_ema}, out / "live.pt")

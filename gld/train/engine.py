@@ -33,7 +33,7 @@ from gld.train.config import TrainConfig
 
 __all__ = ["TrainEngine", "SkippableAdamW", "ds_config", "setup_distributed", "build_engine",
            "build_optimizer", "lr_factor", "apply_activation_checkpointing", "compile_blocks",
-           "is_zero3_param"]
+           "is_zero3_param", "misaligned_parameters"]
 
 
 def ds_config(cfg: TrainConfig, micro_batch: int, world_size: int) -> dict:
@@ -229,6 +229,12 @@ class TrainEngine:
 
 def is_zero3_param(p: torch.Tensor) -> bool:
     return hasattr(p, "ds_tensor")
+
+
+def misaligned_parameters(model: nn.Module) -> list[str]:
+    """Names of the parameters whose storage does not start 16-byte aligned (compiled blocks
+    need none: see ds_config's parameter_alignment); empty ZeRO-3 partitions are left out."""
+    return [n for n, p in model.named_parameters() if p.numel() and p.data_ptr() % 16]
 
 
 def build_engine(stage, cfg: TrainConfig, micro_batch: int,

@@ -29,7 +29,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["run_stage", "run_job", "export", "stage_config"]
+__all__ = ["build_trainer", "run_stage", "run_job", "export", "stage_config"]
 
 
 def _rank() -> int:
@@ -75,10 +75,11 @@ def _with_buffers(state: dict, module: torch.nn.Module) -> dict:
     return {**{k: v for k, v in own.items() if k not in state}, **state}
 
 
-def run_stage(cfg, progress: bool = True, callbacks=(), decoder=None) -> Path:
-    """Train `cfg.train.stage` in <train.out_dir>/<stage>/ (the resolved config written to
-    <train.out_dir>/config.yaml); returns that folder. decoder: for the diffusion stage's
-    grids (default: the decoder stage's latest checkpoint beside it, if any)."""
+def build_trainer(cfg, progress: bool = True, callbacks=(), decoder=None):
+    """The stage, its loader (the latent cache when train.latent_cache names one) and the
+    Trainer for `cfg.train.stage`, writing into <train.out_dir>/<stage>/ (the resolved config
+    written to <train.out_dir>/config.yaml). decoder: for the diffusion stage's grids
+    (default: the decoder stage's latest checkpoint beside it, if any)."""
     from gld.config import save_config
     from gld.data.streaming import build_loader
     from gld.train.engine import setup_distributed
@@ -101,10 +102,15 @@ def run_stage(cfg, progress: bool = True, callbacks=(), decoder=None) -> Path:
     else:
         loader = build_loader(cfg.data, "train")
     train = replace(cfg.train, out_dir=str(job_dir / cfg.train.stage))
-    trainer = Trainer(stage, train, loader, cfg.to_dict(), callbacks=callbacks,
-                      time_shift=getattr(stage, "time_shift", None), progress=progress)
-    trainer.train()
-    return job_dir / cfg.train.stage
+    return Trainer(stage, train, loader, cfg.to_dict(), callbacks=callbacks,
+                   time_shift=getattr(stage, "time_shift", None), progress=progress)
+
+
+def run_stage(cfg, progress: bool = True, callbacks=(), decoder=None) -> Path:
+    """Train `cfg.train.stage` (build_trainer) in <train.out_dir>/<stage>/; returns that
+    folder."""
+    build_trainer(cfg, progress, callbacks, decoder).train()
+    return Path(cfg.train.out_dir) / cfg.train.stage
 
 
 def export(cfg, job_dir: Path, out: Path, weights: str = "ema") -> Path:
